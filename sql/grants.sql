@@ -1,0 +1,28 @@
+-- Privileges (SPEC §10): nothing to PUBLIC; readers select, writers ingest and run,
+-- admins configure. Writing functions are SECURITY DEFINER with a pinned search_path.
+
+REVOKE ALL ON ALL TABLES IN SCHEMA meter FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA meter FROM PUBLIC;
+REVOKE EXECUTE ON ALL ROUTINES IN SCHEMA meter FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA meter TO meter_reader, meter_writer, meter_admin;
+
+-- Readers: every table and view, and the functions that only read.
+GRANT SELECT ON ALL TABLES IN SCHEMA meter TO meter_reader;
+GRANT EXECUTE ON FUNCTION
+    meter.iso_utc(timestamptz),
+    meter.record_json(meter.meters, meter.meter_types, meter.streams),
+    meter.meter_record(bigint),
+    meter.next_period_end(text, text, timestamptz)
+TO meter_reader;
+
+-- Admins: configuration.
+GRANT EXECUTE ON FUNCTION
+    meter.create_meter_type,
+    meter.alter_meter_type,
+    meter.drop_meter_type,
+    meter.create_stream,
+    meter.create_meter,
+    meter.update_meter,
+    meter.delete_meter
+TO meter_admin;

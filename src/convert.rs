@@ -1,0 +1,39 @@
+//! Conversions between Postgres datums and the plain-Rust domain types.
+
+use jiff::Timestamp;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys;
+
+/// Microseconds between the Unix epoch and Postgres' epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// A finite `timestamptz` as an instant; `None` for ±infinity.
+pub fn to_timestamp(ts: TimestampWithTimeZone) -> Option<Timestamp> {
+    if !ts.is_finite() {
+        return None;
+    }
+    let pg_micros: pg_sys::TimestampTz = ts.into();
+    from_pg_micros(pg_micros)
+}
+
+pub fn from_pg_micros(pg_micros: i64) -> Option<Timestamp> {
+    Timestamp::from_microsecond(pg_micros.checked_add(PG_EPOCH_OFFSET_MICROS)?).ok()
+}
+
+/// An instant as a `timestamptz` (sub-microsecond digits are dropped).
+pub fn to_timestamptz(t: Timestamp) -> TimestampWithTimeZone {
+    let pg_micros = t.as_microsecond() - PG_EPOCH_OFFSET_MICROS;
+    TimestampWithTimeZone::try_from(pg_micros).unwrap_or_else(|_| {
+        if pg_micros > 0 {
+            TimestampWithTimeZone::positive_infinity()
+        } else {
+            TimestampWithTimeZone::negative_infinity()
+        }
+    })
+}
+
+/// The current transaction's start time, Postgres' `now()`.
+pub fn transaction_now() -> Timestamp {
+    let pg_micros = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    from_pg_micros(pg_micros).expect("now() is a finite instant")
+}

@@ -1,0 +1,35 @@
+//! meter_ext: usage metering inside PostgreSQL (see README.md and SPEC).
+//!
+//! Pure domain logic (no Postgres): `schedule`, `aggregate`.
+//! Postgres layer: `catalog` (SPI persistence), `api` (the SQL functions).
+
+use pgrx::prelude::*;
+
+pgrx::pg_module_magic!(name, version);
+
+pub mod aggregate;
+pub mod schedule;
+
+mod api;
+mod catalog;
+mod convert;
+mod errors;
+mod sql;
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/record.sql", name = "record", requires = ["schema"]);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests against a real cluster with meter_ext and pg_cron preloaded
+//! (run them with `make integration-test`).
+
+mod support;
+
+mod install;
