@@ -16,12 +16,25 @@ GRANT EXECUTE ON FUNCTION
     meter.next_period_end(text, text, timestamptz)
 TO meter_reader;
 
+-- Writers: send usage (by function, or plain INSERT / COPY into meter.usage),
+-- preview it, fix and reprocess rejected records.
+GRANT INSERT ON meter.usage TO meter_writer;
+GRANT USAGE ON SEQUENCE meter.usage_id_seq TO meter_writer;
+GRANT UPDATE (record) ON meter.rejected TO meter_writer;
+GRANT EXECUTE ON FUNCTION
+    meter.ingest,
+    meter.preview,
+    meter.reprocess_rejected
+TO meter_writer;
+
 -- Admins: configuration.
 GRANT EXECUTE ON FUNCTION
     meter.create_meter_type,
     meter.alter_meter_type,
     meter.drop_meter_type,
     meter.create_stream,
+    meter.alter_stream,
+    meter.drop_stream,
     meter.create_meter,
     meter.update_meter,
     meter.delete_meter

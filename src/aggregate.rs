@@ -1,7 +1,19 @@
-//! Aggregations (SPEC §5): how a meter folds usage values into its value.
+//! Aggregations (SPEC §5): how a meter folds usage into its value, its groups and
+//! its carried fields over one period.
+//!
+//! Pure Rust, no Postgres. Values are exact decimals. `unique_count` needs to know
+//! whether a value was already seen this period; that memory lives outside (a
+//! table, in the database) behind the `SeenValues` trait.
 
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
+
+use bigdecimal::BigDecimal;
+use jiff::Timestamp;
+use serde_json::{Map, Value};
+
+use crate::record::{describe, parse_decimal, FieldPath, Rejection};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Aggregation {
@@ -36,6 +48,10 @@ impl Aggregation {
         )
     }
 
+    pub fn reset_value(self) -> Option<BigDecimal> {
+        self.resets_to_zero().then(BigDecimal::default)
+    }
+
     /// Whether records must carry a value (`increment` counts records instead).
     pub fn needs_value(self) -> bool {
         !matches!(self, Aggregation::Increment)
@@ -68,9 +84,543 @@ impl FromStr for Aggregation {
     }
 }
 
+/// What one record adds to a meter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Contribution {
+    /// sum, min, max, latest: the record's value.
+    Amount(BigDecimal),
+    /// increment: one more record.
+    One,
+    /// unique_count: the value's identity (normalised text).
+    Distinct(String),
+}
+
+impl Contribution {
+    /// What a record's value field contributes to a meter of `aggregation`, or
+    /// why it cannot (SPEC §5: increment needs no value; the others need one).
+    pub fn from_value(
+        aggregation: Aggregation,
+        value: Option<&Value>,
+        field: &FieldPath,
+        meter_type: &str,
+    ) -> Result<Contribution, Rejection> {
+        let missing = || Rejection::MissingValue {
+            field: field.as_str().to_string(),
+            meter_type: meter_type.to_string(),
+            aggregation: aggregation.name(),
+        };
+        match aggregation {
+            Aggregation::Increment => Ok(Contribution::One),
+            Aggregation::UniqueCount => {
+                let v = value.ok_or_else(missing)?;
+                Contribution::distinct_key(v)
+                    .map(Contribution::Distinct)
+                    .ok_or_else(|| Rejection::InvalidDistinctValue {
+                        field: field.as_str().to_string(),
+                        found: describe(v),
+                    })
+            }
+            _ => parse_decimal(value.ok_or_else(missing)?, field).map(Contribution::Amount),
+        }
+    }
+
+    /// The identity `unique_count` counts: numbers by value (1 = 1.0), strings as they are.
+    pub fn distinct_key(v: &Value) -> Option<String> {
+        match v {
+            Value::Number(n) => n
+                .as_str()
+                .parse::<BigDecimal>()
+                .ok()
+                .map(|d| format!("n:{}", d.normalized())),
+            Value::String(s) => Some(format!("s:{s}")),
+            Value::Bool(b) => Some(format!("b:{b}")),
+            _ => None,
+        }
+    }
+}
+
+/// Remembers which values `unique_count` has seen in a meter's period, per group
+/// (`""` is the meter total).
+pub trait SeenValues {
+    /// True the first time this value is seen for this group in the period.
+    fn first_sighting(&mut self, group_key: &str, value_key: &str) -> bool;
+}
+
+impl SeenValues for HashSet<(String, String)> {
+    fn first_sighting(&mut self, group_key: &str, value_key: &str) -> bool {
+        self.insert((group_key.to_string(), value_key.to_string()))
+    }
+}
+
+/// The group a record falls in: `{"key": "region=eu|plan=pro", "fields": {...}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupRef {
+    pub key: String,
+    pub fields: Map<String, Value>,
+}
+
+impl GroupRef {
+    /// The group of `record` by `group_by`; `None` when the rule does not group.
+    /// A missing field groups as null. `|`, `=` and `\` in values are escaped so
+    /// different field values never share a key.
+    pub fn of(record: &Value, group_by: &[FieldPath]) -> Option<GroupRef> {
+        if group_by.is_empty() {
+            return None;
+        }
+        let mut key = String::new();
+        let mut fields = Map::new();
+        for (i, path) in group_by.iter().enumerate() {
+            let value = path.get(record).cloned().unwrap_or(Value::Null);
+            if i > 0 {
+                key.push('|');
+            }
+            key.push_str(path.as_str());
+            key.push('=');
+            let text = match &value {
+                Value::Null => String::new(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            for c in text.chars() {
+                if matches!(c, '|' | '=' | '\\') {
+                    key.push('\\');
+                }
+                key.push(c);
+            }
+            fields.insert(path.as_str().to_string(), value);
+        }
+        Some(GroupRef { key, fields })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupState {
+    pub fields: Map<String, Value>,
+    pub value: Option<BigDecimal>,
+    /// `latest` only: the time of the record that set `value`.
+    pub latest_at: Option<Timestamp>,
+}
+
+/// One record's usage, as the meter processor applies it.
+#[derive(Debug, Clone)]
+pub struct Usage<'a> {
+    pub contribution: Contribution,
+    /// The record's time (its timestamp, or the processing time).
+    pub at: Timestamp,
+    pub group: Option<GroupRef>,
+    pub carry_first: Vec<(&'a str, &'a Value)>,
+    pub carry_last: Vec<(&'a str, &'a Value)>,
+}
+
+/// A meter's state for its current period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeterState {
+    pub aggregation: Aggregation,
+    pub value: Option<BigDecimal>,
+    /// `latest` only: the time of the record that set `value`.
+    pub latest_at: Option<Timestamp>,
+    pub groups: BTreeMap<String, GroupState>,
+    pub carry_first: Map<String, Value>,
+    pub carry_last: Map<String, Value>,
+    pub first_record_at: Option<Timestamp>,
+    pub last_record_at: Option<Timestamp>,
+    pub record_count: i64,
+}
+
+impl MeterState {
+    /// The state at the start of a period (SPEC §5 reset values).
+    pub fn reset(aggregation: Aggregation) -> MeterState {
+        MeterState {
+            aggregation,
+            value: aggregation.reset_value(),
+            latest_at: None,
+            groups: BTreeMap::new(),
+            carry_first: Map::new(),
+            carry_last: Map::new(),
+            first_record_at: None,
+            last_record_at: None,
+            record_count: 0,
+        }
+    }
+
+    /// Applies one record; returns the amount it added to the meter's value (for
+    /// the audit: the value for sum/min/max/latest, 1 for increment, 1 or 0 for
+    /// unique_count).
+    pub fn apply(&mut self, usage: &Usage, seen: &mut dyn SeenValues) -> BigDecimal {
+        let aggregation = self.aggregation;
+        let applied = fold(
+            aggregation,
+            &mut self.value,
+            &mut self.latest_at,
+            &usage.contribution,
+            usage.at,
+            "",
+            seen,
+        );
+        if let Some(group) = &usage.group {
+            let state = self.groups.entry(group.key.clone()).or_insert_with(|| GroupState {
+                fields: group.fields.clone(),
+                value: aggregation.reset_value(),
+                latest_at: None,
+            });
+            fold(
+                aggregation,
+                &mut state.value,
+                &mut state.latest_at,
+                &usage.contribution,
+                usage.at,
+                &group.key,
+                seen,
+            );
+        }
+        for (field, value) in &usage.carry_first {
+            if !self.carry_first.contains_key(*field) {
+                self.carry_first.insert(field.to_string(), (*value).clone());
+            }
+        }
+        for (field, value) in &usage.carry_last {
+            self.carry_last.insert(field.to_string(), (*value).clone());
+        }
+        self.first_record_at = Some(self.first_record_at.map_or(usage.at, |t| t.min(usage.at)));
+        self.last_record_at = Some(self.last_record_at.map_or(usage.at, |t| t.max(usage.at)));
+        self.record_count += 1;
+        applied
+    }
+}
+
+fn fold(
+    aggregation: Aggregation,
+    value: &mut Option<BigDecimal>,
+    latest_at: &mut Option<Timestamp>,
+    contribution: &Contribution,
+    at: Timestamp,
+    group_key: &str,
+    seen: &mut dyn SeenValues,
+) -> BigDecimal {
+    let one = || BigDecimal::from(1);
+    match (aggregation, contribution) {
+        (Aggregation::Sum, Contribution::Amount(v)) => {
+            *value = Some(value.take().unwrap_or_default() + v);
+            v.clone()
+        }
+        (Aggregation::Increment, _) => {
+            *value = Some(value.take().unwrap_or_default() + one());
+            one()
+        }
+        (Aggregation::Min, Contribution::Amount(v)) => {
+            if value.as_ref().is_none_or(|current| v < current) {
+                *value = Some(v.clone());
+            }
+            v.clone()
+        }
+        (Aggregation::Max, Contribution::Amount(v)) => {
+            if value.as_ref().is_none_or(|current| v > current) {
+                *value = Some(v.clone());
+            }
+            v.clone()
+        }
+        (Aggregation::Latest, Contribution::Amount(v)) => {
+            // Ties go to the record processed later.
+            if latest_at.is_none_or(|t| at >= t) {
+                *value = Some(v.clone());
+                *latest_at = Some(at);
+            }
+            v.clone()
+        }
+        (Aggregation::UniqueCount, Contribution::Distinct(key)) => {
+            if seen.first_sighting(group_key, key) {
+                *value = Some(value.take().unwrap_or_default() + one());
+                one()
+            } else {
+                BigDecimal::from(0)
+            }
+        }
+        // The processor builds the contribution from the aggregation, so other
+        // pairs do not occur; they change nothing.
+        _ => BigDecimal::from(0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_780_000_000 + secs).unwrap()
+    }
+
+    fn amount(v: &str) -> Contribution {
+        Contribution::Amount(v.parse().unwrap())
+    }
+
+    fn usage(contribution: Contribution, secs: i64) -> Usage<'static> {
+        Usage {
+            contribution,
+            at: at(secs),
+            group: None,
+            carry_first: vec![],
+            carry_last: vec![],
+        }
+    }
+
+    fn run(aggregation: Aggregation, usages: &[Usage]) -> MeterState {
+        let mut state = MeterState::reset(aggregation);
+        let mut seen = HashSet::new();
+        for u in usages {
+            state.apply(u, &mut seen);
+        }
+        state
+    }
+
+    fn value(state: &MeterState) -> Option<String> {
+        state.value.as_ref().map(|v| v.normalized().to_string())
+    }
+
+    #[test]
+    fn contributions_follow_the_aggregation() {
+        let field = FieldPath::parse("value").unwrap();
+        let c = |aggregation, v: Option<Value>| {
+            Contribution::from_value(aggregation, v.as_ref(), &field, "t").map_err(|r| r.to_string())
+        };
+        assert_eq!(c(Aggregation::Increment, None), Ok(Contribution::One));
+        assert_eq!(c(Aggregation::Increment, Some(json!("junk"))), Ok(Contribution::One));
+        assert_eq!(c(Aggregation::Sum, Some(json!("2.5"))), Ok(amount("2.5")));
+        assert_eq!(
+            c(Aggregation::Max, None),
+            Err("value field \"value\" is missing, and meter type \"t\" (max) needs one".into())
+        );
+        assert_eq!(
+            c(Aggregation::Sum, Some(json!("abc"))),
+            Err("value field \"value\" is \"abc\": use a JSON number or a numeric string".into())
+        );
+        assert_eq!(
+            c(Aggregation::UniqueCount, Some(json!("device-1"))),
+            Ok(Contribution::Distinct("s:device-1".into()))
+        );
+        assert_eq!(
+            c(Aggregation::UniqueCount, Some(json!({"a": 1}))),
+            Err("value field \"value\" is an object: unique_count counts strings, numbers and booleans".into())
+        );
+    }
+
+    #[test]
+    fn reset_values() {
+        for (aggregation, expected) in [
+            (Aggregation::Sum, Some("0")),
+            (Aggregation::Increment, Some("0")),
+            (Aggregation::UniqueCount, Some("0")),
+            (Aggregation::Min, None),
+            (Aggregation::Max, None),
+            (Aggregation::Latest, None),
+        ] {
+            assert_eq!(
+                value(&MeterState::reset(aggregation)).as_deref(),
+                expected,
+                "{aggregation}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_aggregation_folds_its_way() {
+        let amounts = [("5", 3), ("2.5", 1), ("9", 2), ("-1", 0)];
+        let usages: Vec<Usage> = amounts.iter().map(|(v, t)| usage(amount(v), *t)).collect();
+        assert_eq!(value(&run(Aggregation::Sum, &usages)).as_deref(), Some("15.5"));
+        assert_eq!(value(&run(Aggregation::Min, &usages)).as_deref(), Some("-1"));
+        assert_eq!(value(&run(Aggregation::Max, &usages)).as_deref(), Some("9"));
+        // latest: the record with the greatest timestamp (t=3), not the last processed.
+        assert_eq!(value(&run(Aggregation::Latest, &usages)).as_deref(), Some("5"));
+        let ones: Vec<Usage> = (0..4).map(|t| usage(Contribution::One, t)).collect();
+        assert_eq!(value(&run(Aggregation::Increment, &ones)).as_deref(), Some("4"));
+        let distinct: Vec<Usage> = [json!("a"), json!("b"), json!("a"), json!(1), json!(1.0)]
+            .iter()
+            .map(|v| usage(Contribution::Distinct(Contribution::distinct_key(v).unwrap()), 0))
+            .collect();
+        assert_eq!(value(&run(Aggregation::UniqueCount, &distinct)).as_deref(), Some("3"));
+    }
+
+    #[test]
+    fn groups_carry_and_metadata() {
+        let record = json!({"region": "eu", "plan": "pro", "sessionId": "s1", "device": {"os": "ios"}});
+        let record2 = json!({"region": "us", "plan": "free", "sessionId": "s2"});
+        let group_by = [FieldPath::parse("region").unwrap(), FieldPath::parse("plan").unwrap()];
+        let first = GroupRef::of(&record, &group_by).unwrap();
+        assert_eq!(first.key, "region=eu|plan=pro");
+        assert_eq!(
+            Value::Object(first.fields.clone()),
+            json!({"region": "eu", "plan": "pro"})
+        );
+        let mut state = MeterState::reset(Aggregation::Sum);
+        let mut seen = HashSet::new();
+        let os = json!("ios");
+        let (s1, s2) = (json!("s1"), json!("s2"));
+        let (pro, free) = (json!("pro"), json!("free"));
+        state.apply(
+            &Usage {
+                contribution: amount("10"),
+                at: at(5),
+                group: Some(first.clone()),
+                carry_first: vec![("plan", &pro)],
+                carry_last: vec![("sessionId", &s1), ("device.os", &os)],
+            },
+            &mut seen,
+        );
+        state.apply(
+            &Usage {
+                contribution: amount("2"),
+                at: at(1),
+                group: GroupRef::of(&record2, &group_by),
+                carry_first: vec![("plan", &free)],
+                carry_last: vec![("sessionId", &s2)],
+            },
+            &mut seen,
+        );
+        state.apply(
+            &Usage {
+                contribution: amount("1"),
+                at: at(9),
+                group: Some(first),
+                carry_first: vec![],
+                carry_last: vec![],
+            },
+            &mut seen,
+        );
+        assert_eq!(value(&state).as_deref(), Some("13"));
+        let groups: Vec<(String, String)> = state
+            .groups
+            .iter()
+            .map(|(k, g)| (k.clone(), g.value.as_ref().unwrap().to_string()))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                ("region=eu|plan=pro".to_string(), "11".to_string()),
+                ("region=us|plan=free".into(), "2".into())
+            ]
+        );
+        assert_eq!(Value::Object(state.carry_first.clone()), json!({"plan": "pro"}));
+        assert_eq!(
+            Value::Object(state.carry_last.clone()),
+            json!({"sessionId": "s2", "device.os": "ios"})
+        );
+        assert_eq!(
+            (state.first_record_at, state.last_record_at, state.record_count),
+            (Some(at(1)), Some(at(9)), 3)
+        );
+    }
+
+    #[test]
+    fn group_keys_escape_separators_and_missing_fields_are_null() {
+        let group_by = [FieldPath::parse("a").unwrap(), FieldPath::parse("b").unwrap()];
+        let tricky = GroupRef::of(&json!({"a": "x|b=y"}), &group_by).unwrap();
+        assert_eq!(tricky.key, "a=x\\|b\\=y|b=");
+        assert_eq!(tricky.fields.get("b"), Some(&Value::Null));
+        assert_ne!(
+            tricky.key,
+            GroupRef::of(&json!({"a": "x", "b": "y|b="}), &group_by).unwrap().key
+        );
+        assert!(GroupRef::of(&json!({"a": 1}), &[]).is_none());
+    }
+
+    #[test]
+    fn unique_count_counts_per_group_too() {
+        let group_by = [FieldPath::parse("region").unwrap()];
+        let mut state = MeterState::reset(Aggregation::UniqueCount);
+        let mut seen = HashSet::new();
+        for (region, device) in [("eu", "d1"), ("eu", "d1"), ("us", "d1"), ("eu", "d2")] {
+            let record = json!({"region": region});
+            let applied = state.apply(
+                &Usage {
+                    contribution: Contribution::Distinct(device.to_string()),
+                    at: at(0),
+                    group: GroupRef::of(&record, &group_by),
+                    carry_first: vec![],
+                    carry_last: vec![],
+                },
+                &mut seen,
+            );
+            assert!(applied == BigDecimal::from(0) || applied == BigDecimal::from(1));
+        }
+        assert_eq!(value(&state).as_deref(), Some("2")); // d1, d2
+        assert_eq!(state.groups["region=eu"].value, Some(BigDecimal::from(2)));
+        assert_eq!(state.groups["region=us"].value, Some(BigDecimal::from(1)));
+    }
+
+    #[test]
+    fn a_million_tenths_sum_exactly() {
+        let tenth: BigDecimal = "0.1".parse().unwrap();
+        let mut state = MeterState::reset(Aggregation::Sum);
+        let mut seen = HashSet::new();
+        let u = Usage {
+            contribution: Contribution::Amount(tenth),
+            at: at(0),
+            group: None,
+            carry_first: vec![],
+            carry_last: vec![],
+        };
+        for _ in 0..1_000_000 {
+            state.apply(&u, &mut seen);
+        }
+        assert_eq!(state.value.unwrap().normalized(), BigDecimal::from(100_000));
+    }
+
+    fn decimal() -> impl Strategy<Value = String> {
+        (-1_000_000i64..1_000_000, 0u32..6).prop_map(|(n, scale)| BigDecimal::new(n.into(), scale as i64).to_string())
+    }
+
+    proptest! {
+        #[test]
+        fn order_does_not_matter_for_order_free_aggregations(
+            values in prop::collection::vec((decimal(), 0i64..1000, 0usize..4), 1..60),
+            seed in any::<u64>(),
+        ) {
+            let group_by = [FieldPath::parse("g").unwrap()];
+            let make = |aggregation: Aggregation, items: &[(String, i64, usize)]| {
+                let records: Vec<Value> = items.iter().map(|(_, _, g)| json!({"g": g})).collect();
+                let usages: Vec<Usage> = items.iter().zip(&records).map(|((v, t, _), r)| Usage {
+                    contribution: match aggregation {
+                        Aggregation::Increment => Contribution::One,
+                        Aggregation::UniqueCount => Contribution::Distinct(v.clone()),
+                        _ => amount(v),
+                    },
+                    at: at(*t),
+                    group: GroupRef::of(r, &group_by),
+                    carry_first: vec![],
+                    carry_last: vec![],
+                }).collect();
+                let mut state = run(aggregation, &usages);
+                // Normalise scale so 1.50 and 1.5 compare equal.
+                state.value = state.value.map(|v| v.normalized());
+                for g in state.groups.values_mut() { g.value = g.value.take().map(|v| v.normalized()); }
+                state
+            };
+            let mut shuffled = values.clone();
+            // Deterministic shuffle from the seed.
+            let mut s = seed;
+            for i in (1..shuffled.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                shuffled.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            for aggregation in [Aggregation::Sum, Aggregation::Increment, Aggregation::Min, Aggregation::Max, Aggregation::UniqueCount] {
+                prop_assert_eq!(make(aggregation, &values), make(aggregation, &shuffled), "{}", aggregation);
+            }
+        }
+
+        #[test]
+        fn latest_takes_the_greatest_timestamp(
+            values in prop::collection::vec((decimal(), 0i64..1_000_000), 1..60),
+        ) {
+            let mut distinct = values.clone();
+            distinct.sort_by_key(|(_, t)| *t);
+            distinct.dedup_by_key(|(_, t)| *t);
+            let usages: Vec<Usage> = distinct.iter().rev().map(|(v, t)| usage(amount(v), *t)).collect();
+            let state = run(Aggregation::Latest, &usages);
+            let (expected, _) = distinct.last().unwrap();
+            prop_assert_eq!(state.value, Some(expected.parse::<BigDecimal>().unwrap()));
+        }
+    }
 
     #[test]
     fn names_round_trip() {

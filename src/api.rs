@@ -3,12 +3,15 @@
 //! role may call is granted in `sql/grants.sql`.
 
 use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::JsonB;
+use pgrx::{AnyNumeric, JsonB};
 
-use crate::catalog::{self, MeterTypeSpec};
-use crate::convert::{to_timestamp, to_timestamptz};
+use crate::catalog::{self, MeterTypeSpec, StreamSpec};
+use crate::convert::{to_timestamp, to_timestamptz, transaction_now};
 use crate::errors::{MeterError, SqlResult};
+use crate::inbox;
+use crate::processor::{Input, Mode, Outcome, Processor};
 use crate::schedule::{parse_timezone, Schedule};
 use crate::sql;
 
@@ -72,8 +75,186 @@ fn drop_meter_type(name: &str, cascade: default!(bool, "false")) -> SqlResult<()
 
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn create_stream(name: &str, meter_key: default!(Option<&str>, "NULL")) -> SqlResult<i64> {
-    Ok(catalog::create_stream(name, meter_key)?)
+#[allow(clippy::too_many_arguments)]
+fn create_stream(
+    name: &str,
+    guiding_rules: default!(JsonB, "'[]'"),
+    mode: default!(&str, "'batch'"),
+    flush_by: default!(&str, "'period_end'"),
+    meter_key: default!(Option<&str>, "NULL"),
+    user_id_field: default!(&str, "'userId'"),
+    value_field: default!(&str, "'value'"),
+    timestamp_field: default!(&str, "'timestamp'"),
+    id_field: default!(&str, "'id'"),
+    auto_create_meters: default!(bool, "false"),
+    audit: default!(bool, "true"),
+) -> SqlResult<i64> {
+    Ok(catalog::create_stream(StreamSpec {
+        name: name.to_string(),
+        meter_key: meter_key.unwrap_or(name).to_string(),
+        mode: mode.to_string(),
+        flush_by: flush_by.to_string(),
+        guiding_rules: guiding_rules.0,
+        user_id_field: user_id_field.to_string(),
+        value_field: value_field.to_string(),
+        timestamp_field: timestamp_field.to_string(),
+        id_field: id_field.to_string(),
+        auto_create_meters,
+        audit,
+    })?)
+}
+
+/// Changes a stream; NULL leaves a setting as it is.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn alter_stream(
+    name: &str,
+    guiding_rules: default!(Option<JsonB>, "NULL"),
+    mode: default!(Option<&str>, "NULL"),
+    flush_by: default!(Option<&str>, "NULL"),
+    meter_key: default!(Option<&str>, "NULL"),
+    user_id_field: default!(Option<&str>, "NULL"),
+    value_field: default!(Option<&str>, "NULL"),
+    timestamp_field: default!(Option<&str>, "NULL"),
+    id_field: default!(Option<&str>, "NULL"),
+    auto_create_meters: default!(Option<bool>, "NULL"),
+    audit: default!(Option<bool>, "NULL"),
+) -> SqlResult<i64> {
+    Ok(catalog::alter_stream(name, |spec| {
+        let set = |target: &mut String, value: Option<&str>| {
+            if let Some(v) = value {
+                *target = v.to_string();
+            }
+        };
+        if let Some(rules) = guiding_rules {
+            spec.guiding_rules = rules.0;
+        }
+        set(&mut spec.mode, mode);
+        set(&mut spec.flush_by, flush_by);
+        set(&mut spec.meter_key, meter_key);
+        set(&mut spec.user_id_field, user_id_field);
+        set(&mut spec.value_field, value_field);
+        set(&mut spec.timestamp_field, timestamp_field);
+        set(&mut spec.id_field, id_field);
+        spec.auto_create_meters = auto_create_meters.unwrap_or(spec.auto_create_meters);
+        spec.audit = audit.unwrap_or(spec.audit);
+    })?)
+}
+
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn drop_stream(name: &str, cascade: default!(bool, "false")) -> SqlResult<()> {
+    Ok(catalog::drop_stream(name, cascade)?)
+}
+
+/// Sends usage records to a stream: one JSON object or an array of them.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn ingest(
+    stream: &str,
+    records: JsonB,
+) -> Result<TableIterator<'static, (name!(accepted, i64), name!(duplicates, i64), name!(rejected, i64))>, ErrorReport> {
+    let stream = catalog::load_stream(stream)?;
+    let result = inbox::ingest(&stream, inbox::records_of(records.0)?)?;
+    Ok(TableIterator::once((
+        result.accepted,
+        result.duplicates,
+        result.rejected,
+    )))
+}
+
+/// What each record would do if processed now, without changing anything.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn preview(
+    stream: &str,
+    records: JsonB,
+) -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(n, i32),
+            name!(outcome, String),
+            name!(rule, Option<String>),
+            name!(meter_id, Option<i64>),
+            name!(meter_type, Option<String>),
+            name!(user_id, Option<String>),
+            name!(value, Option<AnyNumeric>),
+            name!(new_meter, bool),
+            name!(reason, Option<String>),
+        ),
+    >,
+    ErrorReport,
+> {
+    let stream = catalog::load_stream(stream)?;
+    let inputs: Vec<Input> = inbox::records_of(records.0)?
+        .into_iter()
+        .map(|record| Input { usage_id: None, record })
+        .collect();
+    let mut processor = Processor::new(&stream, Mode::Simulate, None, transaction_now())?;
+    let outcomes = processor.process(&inputs)?;
+    let rows: Vec<_> = outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(i, outcome)| {
+            let n = i as i32 + 1;
+            match outcome {
+                Outcome::Metered {
+                    rule,
+                    meter_id,
+                    meter_type,
+                    user_id,
+                    value,
+                    new_meter,
+                } => (
+                    n,
+                    "metered".to_string(),
+                    Some(rule),
+                    meter_id,
+                    Some(meter_type),
+                    Some(user_id),
+                    AnyNumeric::try_from(value.to_plain_string().as_str()).ok(),
+                    new_meter,
+                    None,
+                ),
+                Outcome::Duplicate {
+                    record_id,
+                    rule,
+                    user_id,
+                } => (
+                    n,
+                    "duplicate".to_string(),
+                    Some(rule),
+                    None,
+                    None,
+                    Some(user_id),
+                    None,
+                    false,
+                    Some(format!("record id \"{record_id}\" was already metered")),
+                ),
+                Outcome::Rejected { code, reason, rule } => (
+                    n,
+                    "rejected".to_string(),
+                    rule,
+                    None,
+                    None,
+                    None,
+                    None,
+                    false,
+                    Some(format!("{code}: {reason}")),
+                ),
+            }
+        })
+        .collect();
+    Ok(TableIterator::new(rows))
+}
+
+/// Sends rejected records back to their stream's inbox (fix them first).
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn reprocess_rejected(ids: Vec<i64>) -> SqlResult<i64> {
+    Ok(inbox::reprocess_rejected(&ids)?)
 }
 
 #[pg_extern(security_definer)]

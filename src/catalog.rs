@@ -1,5 +1,8 @@
 //! Meter types, streams and meters: validation in plain Rust, persistence by SPI.
 
+use std::collections::HashMap;
+
+use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -7,16 +10,22 @@ use pgrx::prelude::*;
 use crate::aggregate::Aggregation;
 use crate::convert::{to_timestamp, to_timestamptz, transaction_now};
 use crate::errors::{MeterError, Result};
+use crate::record::FieldMap;
+use crate::record::FieldPath;
+use crate::rules::RuleSet;
 use crate::schedule::{first_period, parse_timezone, Schedule};
 use crate::sql;
 
-/// The settings of a meter type a meter needs to start a period.
+/// A meter type as the meter processor and meter creation need it.
+#[derive(Debug, Clone)]
 pub struct MeterTypeSettings {
     pub id: i64,
+    pub name: String,
     pub aggregation: Aggregation,
     pub unit: String,
     pub schedule: Schedule,
     pub timezone: String,
+    pub tz: TimeZone,
     pub active_from: Option<Timestamp>,
     pub active_to: Option<Timestamp>,
 }
@@ -113,8 +122,8 @@ pub fn alter_meter_type(
     active_to: Option<TimestampWithTimeZone>,
     category: Option<&str>,
 ) -> Result<i64> {
-    let row = Spi::connect(|client| -> Result<_> {
-        let table = client.select(
+    let row = Spi::connect_mut(|client| -> Result<_> {
+        let table = client.update(
             "SELECT id, unit, aggregation, reset_schedule, timezone, active_from, active_to, category
                FROM meter.meter_types WHERE name = $1 FOR UPDATE",
             Some(1),
@@ -195,10 +204,14 @@ pub fn drop_meter_type(name: &str, cascade: bool) -> Result<()> {
     Ok(())
 }
 
-/// The stream whose guiding rules name this meter type, if any. Streams exist
-/// with rules from the next migration on; until then nothing can reference a type.
-fn stream_using_meter_type(_name: &str) -> Result<Option<String>> {
-    Ok(None)
+/// The stream whose guiding rules name this meter type, if any.
+fn stream_using_meter_type(name: &str) -> Result<Option<String>> {
+    sql::one::<String>(
+        "SELECT name FROM meter.streams
+          WHERE guiding_rules @> pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object('meter_type', $1::text))
+          ORDER BY name LIMIT 1",
+        &[name.into()],
+    )
 }
 
 pub fn meter_type_id(name: &str) -> Result<Option<i64>> {
@@ -209,68 +222,321 @@ pub fn meter_type_id(name: &str) -> Result<Option<i64>> {
 }
 
 pub fn load_meter_type(name: &str) -> Result<MeterTypeSettings> {
-    let row = Spi::connect(|client| -> Result<_> {
-        let table = client.select(
-            "SELECT id, aggregation, unit, reset_schedule, timezone, active_from, active_to
-               FROM meter.meter_types WHERE name = $1 FOR SHARE",
-            Some(1),
-            &[name.into()],
+    load_meter_types(&[name.to_string()])?
+        .remove(name)
+        .ok_or_else(|| MeterError::NotFound(format!("meter type \"{name}\" does not exist")))
+}
+
+/// The named meter types (those that exist), share-locked against concurrent edits.
+pub fn load_meter_types(names: &[String]) -> Result<HashMap<String, MeterTypeSettings>> {
+    let rows = Spi::connect_mut(|client| -> Result<Vec<_>> {
+        let table = client.update(
+            "SELECT id, name, aggregation, unit, reset_schedule, timezone, active_from, active_to
+               FROM meter.meter_types WHERE name = ANY($1) FOR SHARE",
+            None,
+            &[names.to_vec().into()],
         )?;
-        let Some(r) = table.into_iter().next() else {
-            return Ok(None);
-        };
-        Ok(Some((
-            r.get::<i64>(1)?.unwrap(),
-            r.get::<String>(2)?.unwrap(),
-            r.get::<String>(3)?.unwrap(),
-            r.get::<String>(4)?.unwrap(),
-            r.get::<String>(5)?.unwrap(),
-            r.get::<TimestampWithTimeZone>(6)?,
-            r.get::<TimestampWithTimeZone>(7)?,
-        )))
+        let mut rows = Vec::with_capacity(table.len());
+        for r in table {
+            rows.push((
+                r.get::<i64>(1)?.unwrap(),
+                r.get::<String>(2)?.unwrap(),
+                r.get::<String>(3)?.unwrap(),
+                r.get::<String>(4)?.unwrap(),
+                r.get::<String>(5)?.unwrap(),
+                r.get::<String>(6)?.unwrap(),
+                r.get::<TimestampWithTimeZone>(7)?,
+                r.get::<TimestampWithTimeZone>(8)?,
+            ));
+        }
+        Ok(rows)
     })?;
-    let Some((id, aggregation, unit, schedule, timezone, active_from, active_to)) = row else {
-        return Err(MeterError::NotFound(format!("meter type \"{name}\" does not exist")));
-    };
-    Ok(MeterTypeSettings {
-        id,
-        aggregation: aggregation
-            .parse()
-            .map_err(|e: crate::aggregate::UnknownAggregation| MeterError::InvalidParameter(e.to_string()))?,
-        unit,
-        schedule: Schedule::parse(&schedule)?,
-        timezone,
-        active_from: active_from.and_then(to_timestamp),
-        active_to: active_to.and_then(to_timestamp),
+    let mut types = HashMap::with_capacity(rows.len());
+    for (id, name, aggregation, unit, schedule, timezone, active_from, active_to) in rows {
+        let settings = MeterTypeSettings {
+            id,
+            name: name.clone(),
+            aggregation: aggregation
+                .parse()
+                .map_err(|e: crate::aggregate::UnknownAggregation| MeterError::InvalidParameter(e.to_string()))?,
+            unit,
+            schedule: Schedule::parse(&schedule)?,
+            tz: parse_timezone(&timezone)?,
+            timezone,
+            active_from: active_from.and_then(to_timestamp),
+            active_to: active_to.and_then(to_timestamp),
+        };
+        types.insert(name, settings);
+    }
+    Ok(types)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamMode {
+    Batch,
+    Realtime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushBy {
+    PeriodEnd,
+    StreamExecution,
+}
+
+/// A stream, with its meter processor's rules and field mapping parsed.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    pub id: i64,
+    pub name: String,
+    pub meter_key: String,
+    pub mode: StreamMode,
+    pub flush_by: FlushBy,
+    pub rules: RuleSet,
+    pub fields: FieldMap,
+    pub auto_create_meters: bool,
+    pub audit: bool,
+}
+
+/// Every setting of a stream, as stored (after defaults are applied).
+pub struct StreamSpec {
+    pub name: String,
+    pub meter_key: String,
+    pub mode: String,
+    pub flush_by: String,
+    pub guiding_rules: serde_json::Value,
+    pub user_id_field: String,
+    pub value_field: String,
+    pub timestamp_field: String,
+    pub id_field: String,
+    pub auto_create_meters: bool,
+    pub audit: bool,
+}
+
+impl StreamSpec {
+    fn validate(&mut self) -> Result<()> {
+        self.name = required_name("name", &self.name)?;
+        self.meter_key = required_name("meter_key", &self.meter_key)?;
+        let mode = parse_mode(&self.mode)?;
+        let flush_by = parse_flush_by(&self.flush_by)?;
+        if mode == StreamMode::Realtime && flush_by == FlushBy::StreamExecution {
+            return Err(MeterError::InvalidParameter(
+                "flush_by \"stream_execution\" is not allowed for a realtime stream: a realtime stream flushes at period end"
+                    .into(),
+            ));
+        }
+        self.mode = self.mode.trim().to_ascii_lowercase();
+        self.flush_by = self.flush_by.trim().to_ascii_lowercase();
+        for (field, path) in [
+            ("user_id_field", &self.user_id_field),
+            ("value_field", &self.value_field),
+            ("timestamp_field", &self.timestamp_field),
+            ("id_field", &self.id_field),
+        ] {
+            FieldPath::parse(path).map_err(|e| MeterError::InvalidParameter(format!("{field}: {e}")))?;
+        }
+        let known = meter_type_names()?;
+        RuleSet::parse(&self.guiding_rules, &|name| known.contains(name))
+            .map_err(|e| MeterError::InvalidParameter(e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn parse_mode(text: &str) -> Result<StreamMode> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "batch" => Ok(StreamMode::Batch),
+        "realtime" => Ok(StreamMode::Realtime),
+        _ => Err(MeterError::InvalidParameter(format!(
+            "mode \"{text}\" is not supported: use batch or realtime"
+        ))),
+    }
+}
+
+fn parse_flush_by(text: &str) -> Result<FlushBy> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "period_end" => Ok(FlushBy::PeriodEnd),
+        "stream_execution" => Ok(FlushBy::StreamExecution),
+        _ => Err(MeterError::InvalidParameter(format!(
+            "flush_by \"{text}\" is not supported: use period_end or stream_execution"
+        ))),
+    }
+}
+
+fn meter_type_names() -> Result<std::collections::HashSet<String>> {
+    Spi::connect(|client| {
+        let mut names = std::collections::HashSet::new();
+        for row in client.select("SELECT name FROM meter.meter_types", None, &[])? {
+            names.insert(row.get::<String>(1)?.unwrap_or_default());
+        }
+        Ok(names)
     })
 }
 
-pub fn create_stream(name: &str, meter_key: Option<&str>) -> Result<i64> {
-    let name = required_name("name", name)?;
-    let meter_key = required_name("meter_key", meter_key.unwrap_or(&name))?;
-    if stream_id(&name)?.is_some() {
-        return Err(MeterError::AlreadyExists(format!("stream \"{name}\" already exists")));
+pub fn create_stream(mut spec: StreamSpec) -> Result<i64> {
+    spec.validate()?;
+    if stream_id(&spec.name)?.is_some() {
+        return Err(MeterError::AlreadyExists(format!(
+            "stream \"{}\" already exists",
+            spec.name
+        )));
     }
+    check_meter_key_free(&spec.meter_key, None)?;
+    let id = sql::one::<i64>(
+        "INSERT INTO meter.streams (name, meter_key, mode, flush_by, guiding_rules, user_id_field, value_field,
+                                    timestamp_field, id_field, auto_create_meters, audit)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
+        &spec_args(&spec),
+    )?;
+    Ok(id.expect("INSERT RETURNING yields a row"))
+}
+
+fn spec_args(spec: &StreamSpec) -> Vec<pgrx::datum::DatumWithOid<'static>> {
+    vec![
+        spec.name.clone().into(),
+        spec.meter_key.clone().into(),
+        spec.mode.clone().into(),
+        spec.flush_by.clone().into(),
+        pgrx::JsonB(spec.guiding_rules.clone()).into(),
+        spec.user_id_field.clone().into(),
+        spec.value_field.clone().into(),
+        spec.timestamp_field.clone().into(),
+        spec.id_field.clone().into(),
+        spec.auto_create_meters.into(),
+        spec.audit.into(),
+    ]
+}
+
+fn check_meter_key_free(meter_key: &str, except_stream: Option<i64>) -> Result<()> {
     if let Some(other) = sql::one::<String>(
-        "SELECT name FROM meter.streams WHERE meter_key = $1",
-        &[meter_key.as_str().into()],
+        "SELECT name FROM meter.streams WHERE meter_key = $1 AND id IS DISTINCT FROM $2",
+        &[meter_key.into(), except_stream.into()],
     )? {
         return Err(MeterError::AlreadyExists(format!(
             "meter_key \"{meter_key}\" is already used by stream \"{other}\""
         )));
     }
-    let id = sql::one::<i64>(
-        "INSERT INTO meter.streams (name, meter_key) VALUES ($1, $2) RETURNING id",
-        &[name.as_str().into(), meter_key.as_str().into()],
+    Ok(())
+}
+
+/// Changes a stream. `None` leaves a setting as it is. New rules apply to records
+/// processed from now on.
+pub fn alter_stream(name: &str, change: impl FnOnce(&mut StreamSpec)) -> Result<i64> {
+    let Some(id) = stream_id(name)? else {
+        return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
+    };
+    let mut spec = Spi::connect_mut(|client| -> Result<StreamSpec> {
+        let row = client
+            .update(
+                "SELECT name, meter_key, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
+                        id_field, auto_create_meters, audit
+                   FROM meter.streams WHERE id = $1 FOR UPDATE",
+                Some(1),
+                &[id.into()],
+            )?
+            .first();
+        Ok(StreamSpec {
+            name: row.get::<String>(1)?.unwrap(),
+            meter_key: row.get::<String>(2)?.unwrap(),
+            mode: row.get::<String>(3)?.unwrap(),
+            flush_by: row.get::<String>(4)?.unwrap(),
+            guiding_rules: row.get::<pgrx::JsonB>(5)?.unwrap().0,
+            user_id_field: row.get::<String>(6)?.unwrap(),
+            value_field: row.get::<String>(7)?.unwrap(),
+            timestamp_field: row.get::<String>(8)?.unwrap(),
+            id_field: row.get::<String>(9)?.unwrap(),
+            auto_create_meters: row.get::<bool>(10)?.unwrap(),
+            audit: row.get::<bool>(11)?.unwrap(),
+        })
+    })?;
+    change(&mut spec);
+    spec.validate()?;
+    check_meter_key_free(&spec.meter_key, Some(id))?;
+    let mut args = spec_args(&spec);
+    args.push(id.into());
+    sql::execute(
+        "UPDATE meter.streams
+            SET meter_key = $2, mode = $3, flush_by = $4, guiding_rules = $5, user_id_field = $6, value_field = $7,
+                timestamp_field = $8, id_field = $9, auto_create_meters = $10, audit = $11, updated_at = now()
+          WHERE id = $12",
+        &args,
     )?;
-    Ok(id.expect("INSERT RETURNING yields a row"))
+    Ok(id)
+}
+
+/// Drops a stream. With pending records or meters it needs `cascade`, which drops
+/// them too; rejected records and the audit are kept.
+pub fn drop_stream(name: &str, cascade: bool) -> Result<()> {
+    let Some(id) = stream_id(name)? else {
+        return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
+    };
+    let pending = sql::one::<i64>("SELECT count(*) FROM meter.usage WHERE stream = $1", &[name.into()])?.unwrap_or(0);
+    let meters = sql::one::<i64>("SELECT count(*) FROM meter.meters WHERE stream_id = $1", &[id.into()])?.unwrap_or(0);
+    if (pending > 0 || meters > 0) && !cascade {
+        return Err(MeterError::InUse(format!(
+            "stream \"{name}\" has {meters} meter(s) and {pending} pending record(s): pass cascade => true to drop them too"
+        )));
+    }
+    sql::execute("DELETE FROM meter.usage WHERE stream = $1", &[name.into()])?;
+    sql::execute("DELETE FROM meter.dedupe_keys WHERE stream_id = $1", &[id.into()])?;
+    sql::execute("DELETE FROM meter.streams WHERE id = $1", &[id.into()])?;
+    Ok(())
 }
 
 pub fn stream_id(name: &str) -> Result<Option<i64>> {
-    Ok(sql::one::<i64>(
-        "SELECT id FROM meter.streams WHERE name = $1",
-        &[name.into()],
-    )?)
+    sql::one::<i64>("SELECT id FROM meter.streams WHERE name = $1", &[name.into()])
+}
+
+/// Loads a stream for processing, locking its row against concurrent changes.
+pub fn load_stream(name: &str) -> Result<Stream> {
+    let row = Spi::connect_mut(|client| -> Result<_> {
+        let table = client.update(
+            "SELECT id, name, meter_key, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
+                    id_field, auto_create_meters, audit
+               FROM meter.streams WHERE name = $1 FOR SHARE",
+            Some(1),
+            &[name.into()],
+        )?;
+        if table.is_empty() {
+            return Ok(None);
+        }
+        let row = table.first();
+        Ok(Some((
+            row.get::<i64>(1)?.unwrap(),
+            row.get::<String>(2)?.unwrap(),
+            row.get::<String>(3)?.unwrap(),
+            row.get::<String>(4)?.unwrap(),
+            row.get::<String>(5)?.unwrap(),
+            row.get::<pgrx::JsonB>(6)?.unwrap().0,
+            [
+                row.get::<String>(7)?.unwrap(),
+                row.get::<String>(8)?.unwrap(),
+                row.get::<String>(9)?.unwrap(),
+                row.get::<String>(10)?.unwrap(),
+            ],
+            row.get::<bool>(11)?.unwrap(),
+            row.get::<bool>(12)?.unwrap(),
+        )))
+    })?;
+    let Some((id, name, meter_key, mode, flush_by, rules, fields, auto_create_meters, audit)) = row else {
+        return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
+    };
+    let path = |text: &str| FieldPath::parse(text).map_err(MeterError::InvalidParameter);
+    Ok(Stream {
+        id,
+        name,
+        meter_key,
+        mode: parse_mode(&mode)?,
+        flush_by: parse_flush_by(&flush_by)?,
+        // Validated when written; meter types named by rules cannot be dropped.
+        rules: RuleSet::parse(&rules, &|_| true).map_err(|e| MeterError::InvalidParameter(e.to_string()))?,
+        fields: FieldMap {
+            user_id: path(&fields[0])?,
+            value: path(&fields[1])?,
+            timestamp: path(&fields[2])?,
+            id: path(&fields[3])?,
+        },
+        auto_create_meters,
+        audit,
+    })
 }
 
 /// Creates a meter (UE provisions meters by API). Its first period follows its
@@ -298,27 +564,84 @@ pub fn create_meter(stream: &str, meter_type: &str, user_id: &str, delete_on_res
             "user \"{user_id}\" already has a meter of type \"{meter_type}\" in stream \"{stream}\" (meter {existing})"
         )));
     }
-    let tz = parse_timezone(&settings.timezone)?;
-    let period = first_period(&settings.schedule, &tz, now, settings.active_from);
-    let value_at_reset: Option<i64> = settings.aggregation.resets_to_zero().then_some(0);
-    let id = sql::one::<i64>(
-        "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, delete_on_reset, aggregation, unit, timezone,
-                                   period_start, period_end)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
-        &[
-            stream_id.into(),
-            settings.id.into(),
-            user_id.as_str().into(),
-            value_at_reset.into(),
-            delete_on_reset.into(),
-            settings.aggregation.name().into(),
-            settings.unit.as_str().into(),
-            settings.timezone.as_str().into(),
-            to_timestamptz(period.start).into(),
-            period.end.map(to_timestamptz).into(),
-        ],
+    let created = insert_meters(
+        stream_id,
+        &[NewMeter {
+            settings: &settings,
+            user_id: &user_id,
+            delete_on_reset,
+        }],
+        now,
     )?;
-    Ok(id.expect("INSERT RETURNING yields a row"))
+    created.first().copied().ok_or_else(|| {
+        MeterError::AlreadyExists(format!(
+            "user \"{user_id}\" already has a meter of type \"{meter_type}\" in stream \"{stream}\""
+        ))
+    })
+}
+
+/// A meter to create: by `create_meter`, or by a stream that auto-creates meters.
+pub struct NewMeter<'a> {
+    pub settings: &'a MeterTypeSettings,
+    pub user_id: &'a str,
+    pub delete_on_reset: bool,
+}
+
+/// Inserts meters in their first period (from `now`, or the type's `active_from`
+/// if later). A meter that already exists is left alone; returns the new ids.
+pub fn insert_meters(stream_id: i64, meters: &[NewMeter], now: Timestamp) -> Result<Vec<i64>> {
+    let mut columns: (
+        Vec<i64>,
+        Vec<String>,
+        Vec<Option<String>>,
+        Vec<bool>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+    ) = Default::default();
+    let (mut starts, mut ends) = (Vec::new(), Vec::new());
+    for m in meters {
+        let period = first_period(&m.settings.schedule, &m.settings.tz, now, m.settings.active_from);
+        columns.0.push(m.settings.id);
+        columns.1.push(m.user_id.to_string());
+        columns
+            .2
+            .push(m.settings.aggregation.reset_value().map(|v| v.to_string()));
+        columns.3.push(m.delete_on_reset);
+        columns.4.push(m.settings.aggregation.name().to_string());
+        columns.5.push(m.settings.unit.clone());
+        columns.6.push(m.settings.timezone.clone());
+        starts.push(to_timestamptz(period.start));
+        ends.push(period.end.map(to_timestamptz));
+    }
+    Spi::connect_mut(|client| {
+        let rows = client.update(
+            "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, delete_on_reset, aggregation, unit,
+                                       timezone, period_start, period_end)
+             SELECT $1, n.* FROM unnest($2::bigint[], $3::text[], $4::numeric[], $5::boolean[], $6::text[], $7::text[],
+                                        $8::text[], $9::timestamptz[], $10::timestamptz[]) AS n
+             ON CONFLICT (stream_id, meter_type_id, user_id) DO NOTHING
+             RETURNING id",
+            None,
+            &[
+                stream_id.into(),
+                columns.0.into(),
+                columns.1.into(),
+                columns.2.into(),
+                columns.3.into(),
+                columns.4.into(),
+                columns.5.into(),
+                columns.6.into(),
+                starts.into(),
+                ends.into(),
+            ],
+        )?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in rows {
+            ids.push(row.get::<i64>(1)?.unwrap());
+        }
+        Ok(ids)
+    })
 }
 
 /// UE's update meter API: today the one mutable field is `delete_on_reset`.

@@ -8,20 +8,32 @@ use pgrx::prelude::*;
 pgrx::pg_module_magic!(name, version);
 
 pub mod aggregate;
+pub mod record;
+pub mod rules;
 pub mod schedule;
 
 mod api;
 mod catalog;
 mod convert;
 mod errors;
+mod gucs;
+mod inbox;
+mod processor;
+mod run;
 mod sql;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/record.sql", name = "record", requires = ["schema"]);
+extension_sql_file!("../sql/meter_record.sql", name = "meter_record", requires = ["schema"]);
+extension_sql_file!("../sql/usage.sql", name = "usage", requires = ["schema"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

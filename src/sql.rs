@@ -21,3 +21,17 @@ pub fn one<T: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid]) -> Resu
 pub fn execute(query: &str, args: &[DatumWithOid]) -> Result<usize> {
     Spi::connect_mut(|client| Ok(client.update(query, None, args)?.len()))
 }
+
+/// The first column of every row, as text.
+pub fn strings(query: &str, args: &[DatumWithOid]) -> Result<Vec<String>> {
+    Spi::connect_mut(|client| {
+        let table = client.update(query, None, args)?;
+        let mut out = Vec::with_capacity(table.len());
+        for row in table {
+            if let Some(s) = row.get::<String>(1)? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    })
+}

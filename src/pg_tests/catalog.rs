@@ -1,23 +1,11 @@
-//! In-database tests (`cargo pgrx test`): each runs in a transaction that is rolled back.
+//! Meter types, meters, meter records and privileges.
 
 use pgrx::prelude::*;
 
 #[pg_schema]
 mod tests {
+    use crate::pg_tests::support::*;
     use pgrx::prelude::*;
-    use pgrx::JsonB;
-
-    fn sql_i64(q: &str) -> i64 {
-        Spi::get_one::<i64>(q).unwrap().unwrap()
-    }
-
-    fn sql_json(q: &str) -> serde_json::Value {
-        Spi::get_one::<JsonB>(q).unwrap().unwrap().0
-    }
-
-    fn sql_text(q: &str) -> Option<String> {
-        Spi::get_one::<String>(q).unwrap()
-    }
 
     fn setup_meter() -> i64 {
         Spi::run("SELECT meter.create_meter_type('api-calls', 'sum', '@monthly', 'Europe/Stockholm', unit => 'calls')")
@@ -56,16 +44,8 @@ mod tests {
 
     #[pg_test]
     fn malformed_cron_names_the_field() {
-        let err = PgTryBuilder::new(|| {
-            Spi::run("SELECT meter.create_meter_type('t', reset_schedule => '61 * * * *')").unwrap();
-            None
-        })
-        .catch_others(|e| match e {
-            pg_sys::panic::CaughtError::PostgresError(r) => Some((r.sql_error_code(), r.message().to_string())),
-            _ => None,
-        })
-        .execute();
-        let (code, message) = err.expect("an error");
+        let (code, message) =
+            sql_error("SELECT meter.create_meter_type('t', reset_schedule => '61 * * * *')").expect("an error");
         assert_eq!(code, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE);
         assert!(
             message.starts_with("reset_schedule \"61 * * * *\" is not a valid cron expression"),
@@ -301,34 +281,20 @@ mod tests {
 
     // ---- privileges ---------------------------------------------------------------
 
-    fn error_as(role: &str, statement: &str) -> Option<String> {
-        let statement = statement.to_string();
-        let role = role.to_string();
-        PgTryBuilder::new(|| {
-            Spi::run(&format!("SET LOCAL ROLE {role}")).unwrap();
-            Spi::run(&statement).unwrap();
-            None
-        })
-        .catch_others(|e| match e {
-            pg_sys::panic::CaughtError::PostgresError(r) => Some(r.message().to_string()),
-            _ => Some("not a Postgres error".into()),
-        })
-        .execute()
-    }
-
     #[pg_test]
     fn meter_reader_cannot_write() {
         let id = setup_meter();
-        let err = error_as(
+        let err = sql_error_as(
             "meter_reader",
             &format!("UPDATE meter.meters SET value = 1 WHERE id = {id}"),
-        );
+        )
+        .map(|e| e.1);
         assert_eq!(err.as_deref(), Some("permission denied for table meters"));
     }
 
     #[pg_test]
     fn meter_reader_cannot_configure() {
-        let err = error_as("meter_reader", "SELECT meter.create_meter_type('x')");
+        let err = sql_error_as("meter_reader", "SELECT meter.create_meter_type('x')").map(|e| e.1);
         assert_eq!(err.as_deref(), Some("permission denied for function create_meter_type"));
     }
 

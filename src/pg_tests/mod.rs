@@ -1,0 +1,6 @@
+//! In-database tests (`cargo pgrx test`): each runs in a transaction that is rolled back.
+
+mod catalog;
+mod processing;
+mod streams;
+pub mod support;

@@ -1,0 +1,520 @@
+//! Ingest, the meter processor, rejected records, deduplication and preview.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use crate::pg_tests::support::*;
+    use crate::processor::Counts;
+    use pgrx::prelude::*;
+    use serde_json::json;
+
+    /// Two meter types and a stream whose first rule (EU traffic) falls through to
+    /// the second (all traffic) for users without an EU meter.
+    fn eu_and_all(auto_create: bool) {
+        run("SELECT meter.create_meter_type('eu-calls', 'sum', '@monthly', 'Europe/Stockholm')");
+        run("SELECT meter.create_meter_type('all-calls', 'sum', '@monthly', 'UTC')");
+        run(&format!(
+            r#"SELECT meter.create_stream('api', '[
+                {{"name": "eu", "meter_type": "eu-calls", "conditions": [{{"field": "region", "op": "in", "value": ["eu", "uk"]}}],
+                  "group_by": ["plan"], "carry_last": ["device.os"]}},
+                {{"name": "all", "meter_type": "all-calls"}}
+              ]', auto_create_meters => {auto_create})"#
+        ));
+    }
+
+    fn ingest(stream: &str, records: serde_json::Value) -> (i64, i64, i64) {
+        let row = Spi::get_three_with_args::<i64, i64, i64>(
+            "SELECT accepted, duplicates, rejected FROM meter.ingest($1, $2)",
+            &[stream.into(), pgrx::JsonB(records).into()],
+        )
+        .unwrap();
+        (row.0.unwrap(), row.1.unwrap(), row.2.unwrap())
+    }
+
+    fn value_of(user: &str, meter_type: &str) -> Option<String> {
+        sql_text(&format!(
+            "SELECT m.value::text FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id
+              WHERE m.user_id = '{user}' AND t.name = '{meter_type}'"
+        ))
+    }
+
+    #[pg_test]
+    fn records_fall_through_to_the_next_rule_without_a_meter() {
+        eu_and_all(false);
+        run("SELECT meter.create_meter('api', 'all-calls', 'acme')");
+        run("SELECT meter.create_meter('api', 'eu-calls', 'globex')");
+        run("SELECT meter.create_meter('api', 'all-calls', 'globex')");
+        assert_eq!(
+            ingest(
+                "api",
+                json!([
+                    {"userId": "acme", "region": "eu", "value": 5},
+                    {"userId": "globex", "region": "uk", "value": 7, "plan": "pro", "device": {"os": "ios"}},
+                    {"userId": "globex", "region": "us", "value": 1}
+                ])
+            ),
+            (3, 0, 0)
+        );
+        assert_eq!(
+            process("api"),
+            Counts {
+                metered: 3,
+                duplicates: 0,
+                rejected: 0
+            }
+        );
+        assert_eq!(value_of("acme", "all-calls").as_deref(), Some("5"));
+        assert_eq!(value_of("globex", "eu-calls").as_deref(), Some("7"));
+        assert_eq!(value_of("globex", "all-calls").as_deref(), Some("1"));
+        let record = sql_json("SELECT meter.meter_record(id) FROM meter.meters WHERE user_id = 'globex' AND value = 7");
+        assert_eq!(
+            record["groups"],
+            json!([{"key": "plan=pro", "fields": {"plan": "pro"}, "value": 7}])
+        );
+        assert_eq!(record["carryLast"], json!({"device.os": "ios"}));
+        assert_eq!(record["meterMetaData"]["recordCount"], json!(1));
+        // Every metered record has an audit row naming its rule.
+        assert_eq!(
+            sql_text(
+                "SELECT string_agg(rule || ':' || user_id || ':' || value, ',' ORDER BY id) FROM meter.usage_audit"
+            )
+            .as_deref(),
+            Some("all:acme:5,eu:globex:7,all:globex:1")
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage"), 0);
+    }
+
+    #[pg_test]
+    fn auto_creation_makes_the_first_matching_rules_meter() {
+        eu_and_all(true);
+        ingest(
+            "api",
+            json!([{"userId": "new-eu", "region": "eu", "value": 2}, {"userId": "new-us", "value": 3}]),
+        );
+        assert_eq!(process("api").metered, 2);
+        assert_eq!(value_of("new-eu", "eu-calls").as_deref(), Some("2"));
+        assert_eq!(value_of("new-us", "all-calls").as_deref(), Some("3"));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.meters"), 2);
+        // The new meter's period follows its type: the next local month start.
+        assert_eq!(
+            sql_text(
+                "SELECT (period_end AT TIME ZONE 'Europe/Stockholm')::text FROM meter.meters WHERE user_id = 'new-eu'"
+            ),
+            sql_text("SELECT (date_trunc('month', now() AT TIME ZONE 'Europe/Stockholm') + interval '1 month')::text")
+        );
+    }
+
+    #[pg_test]
+    fn every_rejection_lands_in_rejected_with_the_record_intact() {
+        run("SELECT meter.create_meter_type('calls', 'sum')");
+        run("SELECT meter.create_meter_type('devices', 'unique_count')");
+        run("SELECT meter.create_meter_type('past', 'sum', active_from => '2020-01-01Z', active_to => '2021-01-01Z')");
+        run("SELECT meter.create_meter_type('future', 'sum', active_from => '2090-01-01Z')");
+        run(r#"SELECT meter.create_stream('s', '[
+                 {"name": "devices", "meter_type": "devices", "conditions": [{"field": "kind", "op": "eq", "value": "device"}]},
+                 {"name": "old", "meter_type": "past", "conditions": [{"field": "kind", "op": "eq", "value": "old"}]},
+                 {"name": "new", "meter_type": "future", "conditions": [{"field": "kind", "op": "eq", "value": "new"}]},
+                 {"name": "calls", "meter_type": "calls", "conditions": [{"field": "kind", "op": "eq", "value": "call"}]}
+               ]')"#);
+        run("SELECT meter.create_stream('empty')");
+        for (user, meter_type) in [("u", "calls"), ("u", "devices")] {
+            run(&format!("SELECT meter.create_meter('s', '{meter_type}', '{user}')"));
+        }
+        let cases = [
+            (json!([1, 2]), "not_an_object", None),
+            (json!({"value": 1}), "missing_user_id", None),
+            (json!({"userId": ""}), "invalid_user_id", None),
+            (json!({"userId": "u", "id": {"x": 1}}), "invalid_record_id", None),
+            (json!({"userId": "u", "timestamp": "soon"}), "invalid_timestamp", None),
+            (
+                json!({"userId": "u", "timestamp": "2999-01-01T00:00:00Z"}),
+                "future_timestamp",
+                None,
+            ),
+            (json!({"userId": "u", "kind": "call"}), "missing_value", Some("calls")),
+            (
+                json!({"userId": "u", "kind": "call", "value": "12abc"}),
+                "invalid_value",
+                Some("calls"),
+            ),
+            (
+                json!({"userId": "u", "kind": "device", "value": [1]}),
+                "invalid_value",
+                Some("devices"),
+            ),
+            (
+                json!({"userId": "u", "kind": "call", "value": "1e400000"}),
+                "value_out_of_range",
+                Some("calls"),
+            ),
+            (
+                json!({"userId": "u", "kind": "new", "value": 1}),
+                "before_active_from",
+                Some("new"),
+            ),
+            (
+                json!({"userId": "u", "kind": "old", "value": 1}),
+                "after_active_to",
+                Some("old"),
+            ),
+            (
+                json!({"userId": "nobody", "kind": "call", "value": 1}),
+                "no_meter",
+                Some("calls"),
+            ),
+            (
+                json!({"userId": "u", "kind": "other", "value": 1}),
+                "no_rule_matched",
+                None,
+            ),
+        ];
+        let records: Vec<serde_json::Value> = cases.iter().map(|(r, _, _)| r.clone()).collect();
+        let (accepted, duplicates, rejected_at_ingest) = ingest("s", serde_json::Value::Array(records));
+        // Record-level problems are caught at ingest; the rest when rules run.
+        assert_eq!((accepted, duplicates, rejected_at_ingest), (8, 0, 6));
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 0,
+                duplicates: 0,
+                rejected: 8
+            }
+        );
+        ingest("empty", json!({"userId": "u", "value": 1}));
+        assert_eq!(process("empty").rejected, 1);
+
+        for (record, code, rule) in cases {
+            let row = Spi::get_three_with_args::<String, String, String>(
+                "SELECT code, reason, rule FROM meter.rejected WHERE record = $1 AND stream = 's'",
+                &[pgrx::JsonB(record.clone()).into()],
+            )
+            .unwrap();
+            assert_eq!(row.0.as_deref(), Some(code), "{record}");
+            assert!(!row.1.unwrap_or_default().is_empty(), "{record} has a reason");
+            assert_eq!(row.2.as_deref(), rule, "{record}");
+        }
+        assert_eq!(
+            sql_text("SELECT code FROM meter.rejected WHERE stream = 'empty'").as_deref(),
+            Some("no_rules")
+        );
+        assert_eq!(
+            sql_text("SELECT reason FROM meter.rejected WHERE code = 'no_meter'").as_deref(),
+            Some("user \"nobody\" has no meter of type \"calls\" in this stream (rule \"calls\"; auto_create_meters is off)")
+        );
+        // Nothing was lost: all 15 records are rejected, none metered.
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.rejected"), 15);
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage_audit"), 0);
+    }
+
+    #[pg_test]
+    fn a_closed_meter_rejects_late_records() {
+        run("SELECT meter.create_meter_type('calls', 'sum')");
+        run(
+            r#"SELECT meter.create_stream('s', '[{"name": "all", "meter_type": "calls"}]', auto_create_meters => true)"#,
+        );
+        let id = sql_i64("SELECT meter.create_meter('s', 'calls', 'u')");
+        run(&format!("UPDATE meter.meters SET closed_at = now() WHERE id = {id}"));
+        ingest("s", json!({"userId": "u", "value": 1}));
+        process("s");
+        assert_eq!(
+            sql_text("SELECT code FROM meter.rejected").as_deref(),
+            Some("meter_closed")
+        );
+    }
+
+    #[pg_test]
+    fn a_non_object_batch_is_an_error() {
+        run("SELECT meter.create_stream('s')");
+        let (code, message) = sql_error("SELECT * FROM meter.ingest('s', '42')").unwrap();
+        assert_eq!(code, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE);
+        assert_eq!(
+            message,
+            "records must be a JSON object or an array of objects, not a number"
+        );
+        assert_eq!(
+            error_message("SELECT * FROM meter.ingest('nope', '{}')"),
+            "stream \"nope\" does not exist"
+        );
+    }
+
+    fn dedupe_stream() {
+        run("SELECT meter.create_meter_type('calls', 'sum')");
+        run(
+            r#"SELECT meter.create_stream('s', '[{"name": "all", "meter_type": "calls"}]', auto_create_meters => true)"#,
+        );
+    }
+
+    #[pg_test]
+    fn duplicates_by_ingest_count_once() {
+        dedupe_stream();
+        assert_eq!(
+            ingest(
+                "s",
+                json!([{"userId": "u", "id": "a", "value": 1}, {"userId": "u", "id": "a", "value": 1}])
+            ),
+            (1, 1, 0)
+        );
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 1,
+                duplicates: 1,
+                rejected: 0
+            }
+        );
+        // Seen before: ingest says so, and the run counts it as a duplicate again.
+        assert_eq!(ingest("s", json!({"userId": "u", "id": "a", "value": 1})), (0, 1, 0));
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 0,
+                duplicates: 1,
+                rejected: 0
+            }
+        );
+        assert_eq!(value_of("u", "calls").as_deref(), Some("1"));
+        // Numbers and strings are the same id text.
+        ingest(
+            "s",
+            json!([{"userId": "u", "id": 7, "value": 10}, {"userId": "u", "id": "7", "value": 10}]),
+        );
+        assert_eq!(process("s").duplicates, 1);
+        assert_eq!(value_of("u", "calls").as_deref(), Some("11"));
+    }
+
+    #[pg_test]
+    fn duplicates_by_insert_and_across_both_paths_count_once() {
+        dedupe_stream();
+        run(r#"INSERT INTO meter.usage (stream, record) VALUES
+                 ('s', '{"userId": "u", "id": "x", "value": 2}'),
+                 ('s', '{"userId": "u", "id": "x", "value": 2}')"#);
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 1,
+                duplicates: 1,
+                rejected: 0
+            }
+        );
+        ingest("s", json!({"userId": "u", "id": "x", "value": 2}));
+        run(r#"INSERT INTO meter.usage (stream, record) VALUES ('s', '{"userId": "u", "id": "y", "value": 3}')"#);
+        ingest("s", json!({"userId": "u", "id": "y", "value": 3}));
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 1,
+                duplicates: 2,
+                rejected: 0
+            }
+        );
+        assert_eq!(value_of("u", "calls").as_deref(), Some("5"));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.dedupe_keys"), 2);
+    }
+
+    #[pg_test]
+    fn ids_older_than_the_retention_are_forgotten() {
+        dedupe_stream();
+        ingest("s", json!({"userId": "u", "id": "old", "value": 1}));
+        process("s");
+        run("UPDATE meter.dedupe_keys SET seen_at = now() - interval '36 days'");
+        ingest("s", json!({"userId": "u", "id": "old", "value": 1}));
+        assert_eq!(process("s").metered, 1);
+        run("SET LOCAL meter_ext.dedupe_retention = '40d'");
+        ingest("s", json!({"userId": "u", "id": "old", "value": 1}));
+        assert_eq!(process("s").duplicates, 1);
+        assert_eq!(value_of("u", "calls").as_deref(), Some("2"));
+    }
+
+    #[pg_test]
+    fn a_rejected_record_does_not_claim_its_id() {
+        dedupe_stream();
+        ingest("s", json!({"userId": "u", "id": "r1", "value": "bad"}));
+        assert_eq!(process("s").rejected, 1);
+        ingest("s", json!({"userId": "u", "id": "r1", "value": 4}));
+        assert_eq!(process("s").metered, 1);
+    }
+
+    #[pg_test]
+    fn fixed_rejected_records_are_reprocessed_once() {
+        dedupe_stream();
+        ingest("s", json!({"userId": "u", "id": "r1", "value": "4,5"}));
+        process("s");
+        let id = sql_i64("SELECT id FROM meter.rejected");
+        run(&format!(
+            "UPDATE meter.rejected SET record = jsonb_set(record, '{{value}}', '4.5') WHERE id = {id}"
+        ));
+        assert_eq!(sql_i64(&format!("SELECT meter.reprocess_rejected(ARRAY[{id}])")), 1);
+        assert_eq!(sql_i64(&format!("SELECT meter.reprocess_rejected(ARRAY[{id}])")), 0);
+        assert_eq!(process("s").metered, 1);
+        assert_eq!(value_of("u", "calls").as_deref(), Some("4.5"));
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.rejected WHERE reprocessed_at IS NOT NULL"),
+            1
+        );
+        assert_eq!(
+            error_message("SELECT meter.reprocess_rejected(ARRAY[424242])"),
+            "rejected record(s) 424242 do not exist"
+        );
+    }
+
+    #[pg_test]
+    fn state_survives_across_chunks() {
+        run("SELECT meter.create_meter_type('peak', 'max')");
+        run("SELECT meter.create_meter_type('last', 'latest')");
+        run("SELECT meter.create_meter_type('devices', 'unique_count')");
+        run(r#"SELECT meter.create_stream('s', '[
+                 {"name": "peak", "meter_type": "peak", "conditions": [{"field": "m", "op": "eq", "value": "peak"}], "group_by": ["region"], "carry_first": ["plan"], "carry_last": ["plan"]},
+                 {"name": "last", "meter_type": "last", "conditions": [{"field": "m", "op": "eq", "value": "last"}], "group_by": ["region"]},
+                 {"name": "devices", "meter_type": "devices", "conditions": [{"field": "m", "op": "eq", "value": "dev"}], "group_by": ["region"]}
+               ]', auto_create_meters => true)"#);
+        run("SET LOCAL meter_ext.chunk_size = 2");
+        ingest(
+            "s",
+            json!([
+                {"userId": "u", "m": "peak", "value": 3, "region": "eu", "plan": "free"},
+                {"userId": "u", "m": "last", "value": 1, "region": "eu", "timestamp": "2026-01-01T00:00:03Z"},
+                {"userId": "u", "m": "dev", "value": "d1", "region": "eu"},
+                {"userId": "u", "m": "peak", "value": "9.5", "region": "us", "plan": "pro"},
+                {"userId": "u", "m": "last", "value": 2, "region": "eu", "timestamp": "2026-01-01T00:00:01Z"},
+                {"userId": "u", "m": "dev", "value": "d1", "region": "us"},
+                {"userId": "u", "m": "peak", "value": 4, "region": "eu", "plan": "team"},
+                {"userId": "u", "m": "dev", "value": "d2", "region": "eu"},
+                {"userId": "u", "m": "dev", "value": "d1", "region": "eu"}
+            ]),
+        );
+        assert_eq!(process("s").metered, 9);
+        let peak = sql_json("SELECT meter.meter_record(m.id) FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id WHERE t.name = 'peak'");
+        assert_eq!(peak["value"], json!(9.5));
+        assert_eq!(
+            peak["groups"],
+            json!([{"key": "region=eu", "fields": {"region": "eu"}, "value": 4}, {"key": "region=us", "fields": {"region": "us"}, "value": 9.5}])
+        );
+        assert_eq!(
+            (peak["carryFirst"].clone(), peak["carryLast"].clone()),
+            (json!({"plan": "free"}), json!({"plan": "team"}))
+        );
+        // latest: the record with the greatest timestamp, though processed first.
+        assert_eq!(value_of("u", "last").as_deref(), Some("1"));
+        let devices = sql_json("SELECT meter.meter_record(m.id) FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id WHERE t.name = 'devices'");
+        assert_eq!(devices["value"], json!(2));
+        assert_eq!(devices["groups"][0]["value"], json!(2)); // eu: d1, d2
+        assert_eq!(devices["groups"][1]["value"], json!(1)); // us: d1
+        assert_eq!(devices["meterMetaData"]["recordCount"], json!(4));
+    }
+
+    #[pg_test]
+    fn a_realtime_stream_meters_in_the_ingesting_transaction() {
+        dedupe_stream();
+        run("SELECT meter.alter_stream('s', mode => 'realtime')");
+        assert_eq!(
+            ingest(
+                "s",
+                json!([{"userId": "u", "id": 1, "value": 2}, {"userId": "u", "id": 1, "value": 2}])
+            ),
+            (1, 1, 0)
+        );
+        assert_eq!(value_of("u", "calls").as_deref(), Some("2"));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage"), 0);
+    }
+
+    fn everything() -> serde_json::Value {
+        snapshot(
+            "SELECT 'meters' AS t, to_jsonb(m) AS row FROM meter.meters m
+             UNION ALL SELECT 'usage', to_jsonb(u) FROM meter.usage u
+             UNION ALL SELECT 'rejected', to_jsonb(r) FROM meter.rejected r
+             UNION ALL SELECT 'audit', to_jsonb(a) FROM meter.usage_audit a
+             UNION ALL SELECT 'dedupe', to_jsonb(d) FROM meter.dedupe_keys d
+             UNION ALL SELECT 'distinct', to_jsonb(x) FROM meter.meter_distinct x",
+        )
+    }
+
+    #[pg_test]
+    fn preview_matches_processing_and_changes_nothing() {
+        eu_and_all(false);
+        run("SELECT meter.create_meter_type('devices', 'unique_count')");
+        run(r#"SELECT meter.alter_stream('api', guiding_rules => '[
+                 {"name": "devices", "meter_type": "devices", "conditions": [{"field": "device", "op": "exists"}]},
+                 {"name": "eu", "meter_type": "eu-calls", "conditions": [{"field": "region", "op": "in", "value": ["eu", "uk"]}]},
+                 {"name": "all", "meter_type": "all-calls"}]')"#);
+        run("SELECT meter.create_meter('api', 'all-calls', 'acme')");
+        run("SELECT meter.create_meter('api', 'eu-calls', 'acme')");
+        run("SELECT meter.create_meter('api', 'devices', 'acme')");
+        // Some history: an id already metered, a device already seen.
+        ingest(
+            "api",
+            json!([{"userId": "acme", "id": "seen", "value": 1}, {"userId": "acme", "device": "d1", "value": "d1"}]),
+        );
+        process("api");
+        let records = json!([
+            {"userId": "acme", "region": "eu", "value": 5},
+            {"userId": "acme", "region": "us", "value": "2.50"},
+            {"userId": "acme", "id": "seen", "value": 1},
+            {"userId": "acme", "id": "twice", "value": 1},
+            {"userId": "acme", "id": "twice", "value": 1},
+            {"userId": "acme", "device": "x", "value": "d1"},
+            {"userId": "acme", "device": "x", "value": "d2"},
+            {"userId": "acme", "device": "x", "value": "d2"},
+            {"userId": "zed", "value": 1},
+            {"value": 1},
+            "junk"
+        ]);
+        let before = everything();
+        let preview = rows(&format!(
+            "SELECT n, outcome, rule, meter_id, value FROM meter.preview('api', '{}') ORDER BY n",
+            records.to_string().replace('\'', "''")
+        ));
+        assert_eq!(everything(), before, "preview changed nothing");
+
+        ingest("api", records.clone());
+        process("api");
+        // What processing did, per record, in the same shape: audit rows for
+        // metered records, the dedupe count for duplicates, rejected rows.
+        let outcomes: Vec<(String, Option<String>, Option<String>)> = preview
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["outcome"].as_str().unwrap().to_string(),
+                    r["rule"].as_str().map(str::to_string),
+                    r["value"].as_f64().map(|v| v.to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                ("metered".into(), Some("eu".into()), Some("5".into())),
+                ("metered".into(), Some("all".into()), Some("2.5".into())),
+                ("duplicate".into(), Some("all".into()), None),
+                ("metered".into(), Some("all".into()), Some("1".into())),
+                ("duplicate".into(), Some("all".into()), None),
+                ("metered".into(), Some("devices".into()), Some("0".into())), // d1 was seen
+                ("metered".into(), Some("devices".into()), Some("1".into())),
+                ("metered".into(), Some("devices".into()), Some("0".into())),
+                ("rejected".into(), Some("all".into()), None),
+                ("rejected".into(), None, None),
+                ("rejected".into(), None, None),
+            ]
+        );
+        let applied = snapshot(
+            "SELECT rule, value FROM meter.usage_audit WHERE id > (SELECT min(id) + 1 FROM meter.usage_audit) ORDER BY id",
+        );
+        let expected: Vec<serde_json::Value> = preview
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["outcome"] == "metered")
+            .map(|r| json!({"rule": r["rule"], "value": r["value"]}))
+            .collect();
+        let mut applied: Vec<serde_json::Value> = applied.as_array().unwrap().clone();
+        let mut expected_sorted = expected.clone();
+        applied.sort_by_key(|v| v.to_string());
+        expected_sorted.sort_by_key(|v| v.to_string());
+        assert_eq!(applied, expected_sorted);
+        assert_eq!(value_of("acme", "all-calls").as_deref(), Some("4.50")); // 1 + 2.50 + 1
+        assert_eq!(value_of("acme", "devices").as_deref(), Some("2"));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.rejected"), 3);
+    }
+}

@@ -1,0 +1,880 @@
+//! The meter processor (UE): takes a chunk of usage records through the stream's
+//! guiding rules into its meters.
+//!
+//! The decisions are the pure modules' (`record`, `rules`, `aggregate`); this
+//! module does the I/O around them with one set-based statement per step per
+//! chunk: load the users' meters (locked), create missing ones when the stream
+//! auto-creates, claim record ids for deduplication, apply, write the meters back,
+//! and write the audit and rejected rows.
+//!
+//! In `Mode::Simulate` (preview, DEBUG runs) it reads the same state but writes
+//! nothing; what a real run would change is kept in memory across chunks.
+
+use std::collections::{HashMap, HashSet};
+
+use bigdecimal::BigDecimal;
+use jiff::Timestamp;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use serde_json::{Map, Value};
+
+use crate::aggregate::{Aggregation, Contribution, GroupRef, GroupState, MeterState, SeenValues, Usage};
+use crate::catalog::{self, MeterTypeSettings, NewMeter, Stream};
+use crate::convert::{to_timestamp, to_timestamptz};
+use crate::errors::Result;
+use crate::gucs;
+use crate::record::{extract, Clock, Extracted, Rejection};
+use crate::rules::{Decision, Rule};
+use crate::sql;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Change meters, the audit and the rejected records.
+    Apply,
+    /// Change nothing; report what `Apply` would do.
+    Simulate,
+}
+
+/// One usage record to process.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The inbox row it came from, if any.
+    pub usage_id: Option<i64>,
+    pub record: Value,
+}
+
+/// What happened (or, simulated, would happen) to one record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Metered {
+        rule: String,
+        /// `None` for a meter a simulation would create.
+        meter_id: Option<i64>,
+        meter_type: String,
+        user_id: String,
+        /// What the record added to the meter (see `MeterState::apply`).
+        value: BigDecimal,
+        new_meter: bool,
+    },
+    Duplicate {
+        record_id: String,
+        rule: String,
+        user_id: String,
+    },
+    Rejected {
+        code: &'static str,
+        reason: String,
+        rule: Option<String>,
+    },
+}
+
+/// Counts of outcomes, as sessions and `ingest` report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub metered: i64,
+    pub duplicates: i64,
+    pub rejected: i64,
+}
+
+impl Counts {
+    pub fn of(outcomes: &[Outcome]) -> Counts {
+        let mut counts = Counts::default();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Metered { .. } => counts.metered += 1,
+                Outcome::Duplicate { .. } => counts.duplicates += 1,
+                Outcome::Rejected { .. } => counts.rejected += 1,
+            }
+        }
+        counts
+    }
+
+    pub fn add(&mut self, other: Counts) {
+        self.metered += other.metered;
+        self.duplicates += other.duplicates;
+        self.rejected += other.rejected;
+    }
+
+    pub fn total(&self) -> i64 {
+        self.metered + self.duplicates + self.rejected
+    }
+}
+
+type MeterKey = (i64, String); // (meter type id, user id)
+
+/// A meter's current period in memory.
+struct Slot {
+    /// Negative: a meter a simulation would create.
+    id: i64,
+    type_name: String,
+    state: MeterState,
+    period_start: Timestamp,
+    closed: bool,
+    dirty: bool,
+    new: bool,
+}
+
+/// A record a rule took, before deduplication and application.
+struct Taken<'r> {
+    index: usize,
+    rule: &'r Rule,
+    key: MeterKey,
+    contribution: Contribution,
+    at: Timestamp,
+    record_id: Option<String>,
+}
+
+pub struct Processor<'s> {
+    stream: &'s Stream,
+    mode: Mode,
+    session_id: Option<i64>,
+    clock: Clock,
+    types: HashMap<String, MeterTypeSettings>,
+    /// Apply: this chunk's meters. Simulate: every meter seen so far, as changed.
+    meters: HashMap<MeterKey, Slot>,
+    /// Simulate only: record ids a real run would have claimed by now.
+    simulated_claims: HashSet<String>,
+    /// Simulate only: unique_count values a real run would have stored by now.
+    simulated_seen: HashSet<(i64, String, String)>,
+    next_simulated_id: i64,
+}
+
+impl<'s> Processor<'s> {
+    pub fn new(stream: &'s Stream, mode: Mode, session_id: Option<i64>, now: Timestamp) -> Result<Processor<'s>> {
+        let names: Vec<String> = stream.rules.meter_types().map(str::to_string).collect();
+        Ok(Processor {
+            stream,
+            mode,
+            session_id,
+            clock: Clock {
+                now,
+                future_tolerance: gucs::future_tolerance(),
+            },
+            types: catalog::load_meter_types(&names)?,
+            meters: HashMap::new(),
+            simulated_claims: HashSet::new(),
+            simulated_seen: HashSet::new(),
+            next_simulated_id: -1,
+        })
+    }
+
+    /// Processes one chunk, in input order, and returns what happened to each record.
+    pub fn process(&mut self, inputs: &[Input]) -> Result<Vec<Outcome>> {
+        if self.mode == Mode::Apply {
+            // Nothing is cached between chunks of a real run: memory stays bounded.
+            self.meters.clear();
+        }
+        let fields = &self.stream.fields;
+        let extracted: Vec<std::result::Result<Extracted, Rejection>> = inputs
+            .iter()
+            .map(|input| extract(&input.record, fields, &self.clock))
+            .collect();
+        let users: Vec<String> = extracted
+            .iter()
+            .filter_map(|e| e.as_ref().ok().map(|e| e.user_id.clone()))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        self.load_meters(&users)?;
+
+        // Pass 1: rules, activity windows, values.
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; inputs.len()];
+        let mut taken: Vec<Taken> = Vec::new();
+        let mut to_create: HashSet<MeterKey> = HashSet::new();
+        let stream = self.stream;
+        for (index, result) in extracted.iter().enumerate() {
+            let record = match result {
+                Ok(e) => e,
+                Err(rejection) => {
+                    outcomes[index] = Some(rejected(rejection, None));
+                    continue;
+                }
+            };
+            let at = record.at(&self.clock);
+            let decision = stream.rules.evaluate(&inputs[index].record, |rule| {
+                self.check_rule(rule, &record.user_id, at, &to_create).map(|create| {
+                    if let Some(key) = create {
+                        to_create.insert(key);
+                    }
+                })
+            });
+            match decision {
+                Decision::Rejected { rejection, last_rule } => {
+                    outcomes[index] = Some(rejected(&rejection, last_rule.map(str::to_string)));
+                }
+                Decision::Taken(rule) => {
+                    let settings = &self.types[&rule.meter_type];
+                    let key = (settings.id, record.user_id.clone());
+                    // An existing meter keeps its period's aggregation; a new one takes the type's.
+                    let aggregation = self
+                        .meters
+                        .get(&key)
+                        .map_or(settings.aggregation, |slot| slot.state.aggregation);
+                    match Contribution::from_value(aggregation, record.value, &fields.value, &rule.meter_type) {
+                        Ok(contribution) => taken.push(Taken {
+                            index,
+                            rule,
+                            key,
+                            contribution,
+                            at,
+                            record_id: record.record_id.clone(),
+                        }),
+                        Err(rejection) => outcomes[index] = Some(rejected(&rejection, Some(rule.name.clone()))),
+                    }
+                }
+            }
+        }
+
+        self.create_meters(to_create)?;
+        let duplicates = self.claim_record_ids(&taken)?;
+
+        // Pass 2: apply, in input order.
+        let (existing_seen, mut fresh_seen) = (self.load_seen(&taken, &duplicates, inputs)?, HashSet::new());
+        let mut audit = AuditRows::default();
+        for item in &taken {
+            let input = &inputs[item.index];
+            if duplicates.contains(&item.index) {
+                outcomes[item.index] = Some(Outcome::Duplicate {
+                    record_id: item.record_id.clone().unwrap_or_default(),
+                    rule: item.rule.name.clone(),
+                    user_id: item.key.1.clone(),
+                });
+                continue;
+            }
+            let slot = self.meters.get_mut(&item.key).expect("taken records have a meter");
+            let usage = Usage {
+                contribution: item.contribution.clone(),
+                at: item.at,
+                group: GroupRef::of(&input.record, &item.rule.group_by),
+                carry_first: carried(&input.record, &item.rule.carry_first),
+                carry_last: carried(&input.record, &item.rule.carry_last),
+            };
+            let value = match self.mode {
+                Mode::Apply => {
+                    let mut seen = StoredSeen {
+                        meter_id: slot.id,
+                        existing: &existing_seen,
+                        fresh: &mut fresh_seen,
+                    };
+                    slot.state.apply(&usage, &mut seen)
+                }
+                Mode::Simulate => {
+                    let mut seen = StoredSeen {
+                        meter_id: slot.id,
+                        existing: &existing_seen,
+                        fresh: &mut self.simulated_seen,
+                    };
+                    slot.state.apply(&usage, &mut seen)
+                }
+            };
+            slot.dirty = true;
+            audit.push(slot, input, item, &value);
+            outcomes[item.index] = Some(Outcome::Metered {
+                rule: item.rule.name.clone(),
+                meter_id: (slot.id > 0).then_some(slot.id),
+                meter_type: slot.type_name.clone(),
+                user_id: item.key.1.clone(),
+                value,
+                new_meter: slot.new,
+            });
+        }
+        let outcomes: Vec<Outcome> = outcomes
+            .into_iter()
+            .map(|o| o.expect("every record has an outcome"))
+            .collect();
+
+        if self.mode == Mode::Apply {
+            self.write_meters()?;
+            store_seen(&fresh_seen)?;
+            if self.stream.audit {
+                audit.insert(self.stream.id, self.session_id)?;
+            }
+            insert_rejected(
+                &self.stream.name,
+                self.session_id,
+                inputs.iter().map(|i| &i.record).zip(&outcomes),
+            )?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Whether `rule` may take a record of `user_id` at `at`: `Ok(Some(key))` when
+    /// it needs a new meter (auto-creation), `Err` when the record falls through.
+    fn check_rule(
+        &self,
+        rule: &Rule,
+        user_id: &str,
+        at: Timestamp,
+        to_create: &HashSet<MeterKey>,
+    ) -> std::result::Result<Option<MeterKey>, Rejection> {
+        let Some(settings) = self.types.get(&rule.meter_type) else {
+            // Rules are validated against existing meter types, and a type named by
+            // a rule cannot be dropped; this only guards a concurrent change.
+            return Err(Rejection::NoMeter {
+                user_id: user_id.to_string(),
+                meter_type: rule.meter_type.clone(),
+                rule: rule.name.clone(),
+            });
+        };
+        if let Some(from) = settings.active_from.filter(|from| at < *from) {
+            return Err(Rejection::BeforeActiveFrom {
+                at,
+                meter_type: settings.name.clone(),
+                active_from: from,
+            });
+        }
+        if let Some(to) = settings.active_to.filter(|to| at >= *to) {
+            return Err(Rejection::AfterActiveTo {
+                at,
+                meter_type: settings.name.clone(),
+                active_to: to,
+            });
+        }
+        let key = (settings.id, user_id.to_string());
+        match self.meters.get(&key) {
+            Some(slot) if slot.closed => Err(Rejection::MeterClosed {
+                meter_id: slot.id,
+                meter_type: settings.name.clone(),
+            }),
+            Some(_) => Ok(None),
+            None if to_create.contains(&key) => Ok(None),
+            None if self.stream.auto_create_meters => Ok(Some(key)),
+            None => Err(Rejection::NoMeter {
+                user_id: user_id.to_string(),
+                meter_type: settings.name.clone(),
+                rule: rule.name.clone(),
+            }),
+        }
+    }
+
+    /// Loads (and in `Apply`, locks) the stream's meters of these users.
+    fn load_meters(&mut self, users: &[String]) -> Result<()> {
+        let users: Vec<String> = match self.mode {
+            Mode::Apply => users.to_vec(),
+            // A simulation keeps what it changed; only load users it has not seen.
+            Mode::Simulate => {
+                let known: HashSet<&str> = self.meters.keys().map(|(_, u)| u.as_str()).collect();
+                users.iter().filter(|u| !known.contains(u.as_str())).cloned().collect()
+            }
+        };
+        if users.is_empty() {
+            return Ok(());
+        }
+        let type_names: HashMap<i64, String> = self.types.values().map(|t| (t.id, t.name.clone())).collect();
+        let lock = if self.mode == Mode::Apply { "FOR UPDATE" } else { "" };
+        let query = format!(
+            "SELECT id, meter_type_id, user_id, aggregation, value::text, groups::text, carry_first::text,
+                    carry_last::text, aggregation_state::text, first_record_at, last_record_at, record_count,
+                    period_start, closed_at IS NOT NULL
+               FROM meter.meters
+              WHERE stream_id = $1 AND user_id = ANY($2)
+              ORDER BY id {lock}"
+        );
+        let rows = Spi::connect_mut(|client| -> Result<Vec<(MeterKey, Slot)>> {
+            let mut rows = Vec::new();
+            for row in client.update(&query, None, &[self.stream.id.into(), users.into()])? {
+                let type_id = row.get::<i64>(2)?.unwrap();
+                let Some(type_name) = type_names.get(&type_id) else {
+                    continue;
+                };
+                let stored = StoredState {
+                    aggregation: row.get::<String>(4)?.unwrap(),
+                    value: row.get::<String>(5)?,
+                    groups: row.get::<String>(6)?.unwrap(),
+                    carry_first: row.get::<String>(7)?.unwrap(),
+                    carry_last: row.get::<String>(8)?.unwrap(),
+                    aggregation_state: row.get::<String>(9)?,
+                    first_record_at: row.get::<TimestampWithTimeZone>(10)?.and_then(to_timestamp),
+                    last_record_at: row.get::<TimestampWithTimeZone>(11)?.and_then(to_timestamp),
+                    record_count: row.get::<i64>(12)?.unwrap(),
+                };
+                rows.push((
+                    (type_id, row.get::<String>(3)?.unwrap()),
+                    Slot {
+                        id: row.get::<i64>(1)?.unwrap(),
+                        type_name: type_name.clone(),
+                        state: stored.into_state(),
+                        period_start: row.get::<TimestampWithTimeZone>(13)?.and_then(to_timestamp).unwrap(),
+                        closed: row.get::<bool>(14)?.unwrap(),
+                        dirty: false,
+                        new: false,
+                    },
+                ));
+            }
+            Ok(rows)
+        })?;
+        self.meters.extend(rows);
+        Ok(())
+    }
+
+    /// Creates the meters auto-creation asked for. `Apply` inserts them (a
+    /// concurrent creator may win; its meter is loaded and locked instead).
+    fn create_meters(&mut self, keys: HashSet<MeterKey>) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let by_id: HashMap<i64, &MeterTypeSettings> = self.types.values().map(|t| (t.id, t)).collect();
+        match self.mode {
+            Mode::Apply => {
+                let new: Vec<NewMeter> = keys
+                    .iter()
+                    .map(|(type_id, user_id)| NewMeter {
+                        settings: by_id[type_id],
+                        user_id,
+                        delete_on_reset: false,
+                    })
+                    .collect();
+                let created = catalog::insert_meters(self.stream.id, &new, self.clock.now)?;
+                let users: Vec<String> = keys
+                    .iter()
+                    .map(|(_, u)| u.clone())
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .collect();
+                self.load_meters(&users)?;
+                for id in created {
+                    if let Some(slot) = self.meters.values_mut().find(|s| s.id == id) {
+                        slot.new = true;
+                    }
+                }
+            }
+            Mode::Simulate => {
+                for key in keys {
+                    let settings = by_id[&key.0];
+                    let period = crate::schedule::first_period(
+                        &settings.schedule,
+                        &settings.tz,
+                        self.clock.now,
+                        settings.active_from,
+                    );
+                    let id = self.next_simulated_id;
+                    self.next_simulated_id -= 1;
+                    self.meters.insert(
+                        key,
+                        Slot {
+                            id,
+                            type_name: settings.name.clone(),
+                            state: MeterState::reset(settings.aggregation),
+                            period_start: period.start,
+                            closed: false,
+                            dirty: false,
+                            new: true,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims the record ids of taken records; returns the indexes of duplicates:
+    /// ids seen earlier in the chunk, or already claimed within the retention.
+    fn claim_record_ids(&mut self, taken: &[Taken]) -> Result<HashSet<usize>> {
+        let mut duplicates = HashSet::new();
+        let mut first_in_chunk: HashMap<&str, usize> = HashMap::new();
+        for item in taken {
+            if let Some(id) = item.record_id.as_deref() {
+                if first_in_chunk.contains_key(id) {
+                    duplicates.insert(item.index);
+                } else {
+                    first_in_chunk.insert(id, item.index);
+                }
+            }
+        }
+        if first_in_chunk.is_empty() {
+            return Ok(duplicates);
+        }
+        let ids: Vec<String> = first_in_chunk.keys().map(|s| s.to_string()).collect();
+        let forget_before = to_timestamptz(self.clock.now - gucs::dedupe_retention());
+        let fresh: HashSet<String> = match self.mode {
+            Mode::Apply => sql::strings(
+                "INSERT INTO meter.dedupe_keys AS k (stream_id, record_id, seen_at)
+                 SELECT $1, id, $3 FROM unnest($2::text[]) AS id
+                 ON CONFLICT (stream_id, record_id) DO UPDATE SET seen_at = EXCLUDED.seen_at
+                  WHERE k.seen_at < $4
+                 RETURNING record_id",
+                &[
+                    self.stream.id.into(),
+                    ids.into(),
+                    to_timestamptz(self.clock.now).into(),
+                    forget_before.into(),
+                ],
+            )?
+            .into_iter()
+            .collect(),
+            Mode::Simulate => {
+                let known: HashSet<String> = sql::strings(
+                    "SELECT record_id FROM meter.dedupe_keys WHERE stream_id = $1 AND record_id = ANY($2) AND seen_at >= $3",
+                    &[self.stream.id.into(), ids.clone().into(), forget_before.into()],
+                )?
+                .into_iter()
+                .collect();
+                ids.into_iter()
+                    .filter(|id| !known.contains(id) && self.simulated_claims.insert(id.clone()))
+                    .collect()
+            }
+        };
+        for (id, index) in first_in_chunk {
+            if !fresh.contains(id) {
+                duplicates.insert(index);
+            }
+        }
+        Ok(duplicates)
+    }
+
+    /// The unique_count values already stored for the meters this chunk touches.
+    fn load_seen(
+        &self,
+        taken: &[Taken],
+        duplicates: &HashSet<usize>,
+        inputs: &[Input],
+    ) -> Result<HashSet<(i64, String, String)>> {
+        let (mut meter_ids, mut groups, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        for item in taken.iter().filter(|t| !duplicates.contains(&t.index)) {
+            let Contribution::Distinct(value) = &item.contribution else {
+                continue;
+            };
+            let slot = &self.meters[&item.key];
+            if slot.id < 0 {
+                continue;
+            }
+            meter_ids.push(slot.id);
+            groups.push(String::new());
+            values.push(value.clone());
+            if let Some(group) = GroupRef::of(&inputs[item.index].record, &item.rule.group_by) {
+                meter_ids.push(slot.id);
+                groups.push(group.key);
+                values.push(value.clone());
+            }
+        }
+        if meter_ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        Spi::connect(|client| {
+            let mut seen = HashSet::new();
+            let rows = client.select(
+                "SELECT d.meter_id, d.group_key, d.value_key
+                   FROM meter.meter_distinct d
+                   JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS c(meter_id, group_key, value_key)
+                     ON (d.meter_id, d.group_key, d.value_key) = (c.meter_id, c.group_key, c.value_key)",
+                None,
+                &[meter_ids.into(), groups.into(), values.into()],
+            )?;
+            for row in rows {
+                seen.insert((
+                    row.get::<i64>(1)?.unwrap(),
+                    row.get::<String>(2)?.unwrap(),
+                    row.get::<String>(3)?.unwrap(),
+                ));
+            }
+            Ok(seen)
+        })
+    }
+
+    /// Writes every changed meter back in one statement.
+    fn write_meters(&mut self) -> Result<()> {
+        let mut rows = MeterRows::default();
+        for slot in self.meters.values_mut().filter(|s| s.dirty) {
+            rows.push(slot.id, StoredState::from_state(&slot.state));
+            slot.dirty = false;
+        }
+        rows.update()
+    }
+}
+
+fn rejected(rejection: &Rejection, rule: Option<String>) -> Outcome {
+    Outcome::Rejected {
+        code: rejection.code(),
+        reason: rejection.to_string(),
+        rule,
+    }
+}
+
+fn carried<'a>(record: &'a Value, paths: &'a [crate::record::FieldPath]) -> Vec<(&'a str, &'a Value)> {
+    paths
+        .iter()
+        .filter_map(|p| p.get(record).map(|v| (p.as_str(), v)))
+        .collect()
+}
+
+/// unique_count memory: values stored before this chunk, plus those this chunk adds.
+struct StoredSeen<'a> {
+    meter_id: i64,
+    existing: &'a HashSet<(i64, String, String)>,
+    fresh: &'a mut HashSet<(i64, String, String)>,
+}
+
+impl SeenValues for StoredSeen<'_> {
+    fn first_sighting(&mut self, group_key: &str, value_key: &str) -> bool {
+        let key = (self.meter_id, group_key.to_string(), value_key.to_string());
+        !self.existing.contains(&key) && self.fresh.insert(key)
+    }
+}
+
+fn store_seen(fresh: &HashSet<(i64, String, String)>) -> Result<()> {
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    let (mut ids, mut groups, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, group, value) in fresh {
+        ids.push(*id);
+        groups.push(group.clone());
+        values.push(value.clone());
+    }
+    sql::execute(
+        "INSERT INTO meter.meter_distinct (meter_id, group_key, value_key)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[])",
+        &[ids.into(), groups.into(), values.into()],
+    )?;
+    Ok(())
+}
+
+/// A meter's state as stored in its row (text for numeric and jsonb columns).
+struct StoredState {
+    aggregation: String,
+    value: Option<String>,
+    groups: String,
+    carry_first: String,
+    carry_last: String,
+    aggregation_state: Option<String>,
+    first_record_at: Option<Timestamp>,
+    last_record_at: Option<Timestamp>,
+    record_count: i64,
+}
+
+fn decimal(text: &str) -> Option<BigDecimal> {
+    text.parse().ok()
+}
+
+fn json_number(value: &BigDecimal) -> Value {
+    Value::Number(value.to_plain_string().parse().expect("a decimal is a JSON number"))
+}
+
+impl StoredState {
+    fn into_state(self) -> MeterState {
+        let aggregation: Aggregation = self.aggregation.parse().unwrap_or(Aggregation::Sum);
+        let state: Value = self
+            .aggregation_state
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or(Value::Null);
+        let time = |v: Option<&Value>| v.and_then(Value::as_str).and_then(|s| s.parse::<Timestamp>().ok());
+        let mut groups = std::collections::BTreeMap::new();
+        if let Ok(Value::Array(items)) = serde_json::from_str::<Value>(&self.groups) {
+            for item in items {
+                let Some(key) = item.get("key").and_then(Value::as_str).map(str::to_string) else {
+                    continue;
+                };
+                let fields = item
+                    .get("fields")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                let value = item
+                    .get("value")
+                    .and_then(Value::as_number)
+                    .and_then(|n| decimal(n.as_str()));
+                let latest_at = time(state.get("groupLatestAt").and_then(|g| g.get(&key)));
+                groups.insert(
+                    key,
+                    GroupState {
+                        fields,
+                        value,
+                        latest_at,
+                    },
+                );
+            }
+        }
+        let object = |text: &str| match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
+        };
+        MeterState {
+            aggregation,
+            value: self.value.as_deref().and_then(decimal),
+            latest_at: time(state.get("latestAt")),
+            groups,
+            carry_first: object(&self.carry_first),
+            carry_last: object(&self.carry_last),
+            first_record_at: self.first_record_at,
+            last_record_at: self.last_record_at,
+            record_count: self.record_count,
+        }
+    }
+
+    fn from_state(state: &MeterState) -> StoredState {
+        let groups: Vec<Value> = state
+            .groups
+            .iter()
+            .map(|(key, g)| {
+                serde_json::json!({
+                    "key": key,
+                    "fields": Value::Object(g.fields.clone()),
+                    "value": g.value.as_ref().map(json_number).unwrap_or(Value::Null),
+                })
+            })
+            .collect();
+        let aggregation_state = (state.aggregation == Aggregation::Latest).then(|| {
+            let group_times: Map<String, Value> = state
+                .groups
+                .iter()
+                .filter_map(|(k, g)| g.latest_at.map(|t| (k.clone(), Value::String(t.to_string()))))
+                .collect();
+            serde_json::json!({
+                "latestAt": state.latest_at.map(|t| t.to_string()),
+                "groupLatestAt": group_times,
+            })
+            .to_string()
+        });
+        StoredState {
+            aggregation: state.aggregation.name().to_string(),
+            value: state.value.as_ref().map(BigDecimal::to_plain_string),
+            groups: Value::Array(groups).to_string(),
+            carry_first: Value::Object(state.carry_first.clone()).to_string(),
+            carry_last: Value::Object(state.carry_last.clone()).to_string(),
+            aggregation_state,
+            first_record_at: state.first_record_at,
+            last_record_at: state.last_record_at,
+            record_count: state.record_count,
+        }
+    }
+}
+
+/// Column arrays for the one UPDATE that writes a chunk's meters.
+#[derive(Default)]
+struct MeterRows {
+    ids: Vec<i64>,
+    values: Vec<Option<String>>,
+    groups: Vec<String>,
+    carry_first: Vec<String>,
+    carry_last: Vec<String>,
+    states: Vec<Option<String>>,
+    first_at: Vec<Option<TimestampWithTimeZone>>,
+    last_at: Vec<Option<TimestampWithTimeZone>>,
+    counts: Vec<i64>,
+}
+
+impl MeterRows {
+    fn push(&mut self, id: i64, s: StoredState) {
+        self.ids.push(id);
+        self.values.push(s.value);
+        self.groups.push(s.groups);
+        self.carry_first.push(s.carry_first);
+        self.carry_last.push(s.carry_last);
+        self.states.push(s.aggregation_state);
+        self.first_at.push(s.first_record_at.map(to_timestamptz));
+        self.last_at.push(s.last_record_at.map(to_timestamptz));
+        self.counts.push(s.record_count);
+    }
+
+    fn update(self) -> Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sql::execute(
+            "UPDATE meter.meters m
+                SET value = u.value::numeric, groups = u.groups::jsonb, carry_first = u.carry_first::jsonb,
+                    carry_last = u.carry_last::jsonb, aggregation_state = u.state::jsonb,
+                    first_record_at = u.first_at, last_record_at = u.last_at, record_count = u.count,
+                    updated_at = now()
+               FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                           $7::timestamptz[], $8::timestamptz[], $9::bigint[])
+                    AS u(id, value, groups, carry_first, carry_last, state, first_at, last_at, count)
+              WHERE m.id = u.id",
+            &[
+                self.ids.into(),
+                self.values.into(),
+                self.groups.into(),
+                self.carry_first.into(),
+                self.carry_last.into(),
+                self.states.into(),
+                self.first_at.into(),
+                self.last_at.into(),
+                self.counts.into(),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// Column arrays for the one INSERT that writes a chunk's audit rows.
+#[derive(Default)]
+struct AuditRows {
+    meter_ids: Vec<i64>,
+    user_ids: Vec<String>,
+    usage_ids: Vec<Option<i64>>,
+    record_ids: Vec<Option<String>>,
+    rules: Vec<String>,
+    values: Vec<String>,
+    period_starts: Vec<TimestampWithTimeZone>,
+}
+
+impl AuditRows {
+    fn push(&mut self, slot: &Slot, input: &Input, item: &Taken, value: &BigDecimal) {
+        self.meter_ids.push(slot.id);
+        self.user_ids.push(item.key.1.clone());
+        self.usage_ids.push(input.usage_id);
+        self.record_ids.push(item.record_id.clone());
+        self.rules.push(item.rule.name.clone());
+        self.values.push(value.to_plain_string());
+        self.period_starts.push(to_timestamptz(slot.period_start));
+    }
+
+    fn insert(self, stream_id: i64, session_id: Option<i64>) -> Result<()> {
+        if self.meter_ids.is_empty() {
+            return Ok(());
+        }
+        sql::execute(
+            "INSERT INTO meter.usage_audit (session_id, stream_id, meter_id, user_id, usage_id, record_id, rule, value, period_start)
+             SELECT $1, $2, a.meter_id, a.user_id, a.usage_id, a.record_id, a.rule, a.value::numeric, a.period_start
+               FROM unnest($3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::timestamptz[])
+                    AS a(meter_id, user_id, usage_id, record_id, rule, value, period_start)",
+            &[
+                session_id.into(),
+                stream_id.into(),
+                self.meter_ids.into(),
+                self.user_ids.into(),
+                self.usage_ids.into(),
+                self.record_ids.into(),
+                self.rules.into(),
+                self.values.into(),
+                self.period_starts.into(),
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+/// Stores rejected records, intact, with their reason and the rule evaluated last.
+pub fn insert_rejected<'a>(
+    stream: &str,
+    session_id: Option<i64>,
+    items: impl Iterator<Item = (&'a Value, &'a Outcome)>,
+) -> Result<()> {
+    let (mut records, mut codes, mut reasons, mut rules) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (record, outcome) in items {
+        if let Outcome::Rejected { code, reason, rule } = outcome {
+            records.push(record.to_string());
+            codes.push(code.to_string());
+            reasons.push(reason.clone());
+            rules.push(rule.clone());
+        }
+    }
+    if records.is_empty() {
+        return Ok(());
+    }
+    sql::execute(
+        "INSERT INTO meter.rejected (stream, session_id, record, code, reason, rule)
+         SELECT $1, $2, r.record::jsonb, r.code, r.reason, r.rule
+           FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS r(record, code, reason, rule)",
+        &[
+            stream.into(),
+            session_id.into(),
+            records.into(),
+            codes.into(),
+            reasons.into(),
+            rules.into(),
+        ],
+    )?;
+    Ok(())
+}
