@@ -13,7 +13,8 @@ GRANT EXECUTE ON FUNCTION
     meter.iso_utc(timestamptz),
     meter.record_json(meter.meters, meter.meter_types, meter.streams),
     meter.meter_record(bigint),
-    meter.next_period_end(text, text, timestamptz)
+    meter.next_period_end(text, text, timestamptz),
+    meter.session_event_payload(meter.sessions, meter.streams, text)
 TO meter_reader;
 
 -- Writers: send usage (by function, or plain INSERT / COPY into meter.usage),
@@ -24,8 +25,17 @@ GRANT UPDATE (record) ON meter.rejected TO meter_writer;
 GRANT EXECUTE ON FUNCTION
     meter.ingest,
     meter.preview,
-    meter.reprocess_rejected
+    meter.reprocess_rejected,
+    meter.run_stream,
+    meter._run_begin,
+    meter._run_step,
+    meter._run_to_end,
+    meter._run_fail,
+    meter.pause,
+    meter.resume,
+    meter.cancel
 TO meter_writer;
+GRANT EXECUTE ON PROCEDURE meter.execute_stream TO meter_writer;
 
 -- Admins: configuration.
 GRANT EXECUTE ON FUNCTION
@@ -37,5 +47,7 @@ GRANT EXECUTE ON FUNCTION
     meter.drop_stream,
     meter.create_meter,
     meter.update_meter,
-    meter.delete_meter
+    meter.delete_meter,
+    meter.notify_on,
+    meter.drop_notification_rule
 TO meter_admin;

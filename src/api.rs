@@ -12,7 +12,10 @@ use crate::convert::{to_timestamp, to_timestamptz, transaction_now};
 use crate::errors::{MeterError, SqlResult};
 use crate::inbox;
 use crate::processor::{Input, Mode, Outcome, Processor};
+use crate::run;
 use crate::schedule::{parse_timezone, Schedule};
+use crate::session::RunType;
+use crate::sessions;
 use crate::sql;
 
 #[pg_extern(security_definer)]
@@ -297,4 +300,86 @@ fn next_period_end(
         return Err(MeterError::InvalidParameter("after must be a finite timestamp".into()).into());
     };
     Ok(parsed.next_after(&tz, after).map(to_timestamptz))
+}
+
+// ---- runs and sessions ------------------------------------------------------
+// meter.run_stream and CALL meter.execute_stream (sql/runs.sql) drive these steps.
+
+fn run_type(text: &str) -> Result<RunType, MeterError> {
+    text.parse()
+        .map_err(|e: crate::session::UnknownRunType| MeterError::InvalidParameter(e.to_string()))
+}
+
+/// Starts a session of the stream; returns its id.
+#[pg_extern(name = "_run_begin", security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn run_begin(stream: &str, run_type_name: &str, wait: bool, chunked: bool) -> SqlResult<i64> {
+    Ok(run::begin(stream, run_type(run_type_name)?, wait, chunked)?)
+}
+
+/// Takes the session's next step: 'more', 'paused' or 'done'.
+#[pg_extern(name = "_run_step", security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn run_step(session_id: i64) -> SqlResult<&'static str> {
+    Ok(run::step(session_id)?.name())
+}
+
+/// Takes every remaining step of the session in this transaction.
+#[pg_extern(name = "_run_to_end", security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn run_to_end(session_id: i64) -> SqlResult<()> {
+    Ok(run::to_end(session_id)?)
+}
+
+/// Marks the session FAILED with the error that stopped it.
+#[pg_extern(name = "_run_fail", security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn run_fail(session_id: i64, message: &str) -> SqlResult<()> {
+    Ok(run::fail(session_id, message)?)
+}
+
+/// Pauses the stream's working session at its next chunk; returns the session id.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn pause(stream: &str) -> SqlResult<i64> {
+    Ok(run::pause(stream)?)
+}
+
+/// Resumes the stream's paused session; returns the session id.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn resume(stream: &str) -> SqlResult<i64> {
+    Ok(run::resume(stream)?)
+}
+
+/// Cancels a session; its run stops at the next chunk.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn cancel(session_id: i64) -> SqlResult<()> {
+    Ok(run::cancel(session_id)?)
+}
+
+/// Sends every status change matching the filters (NULL: any) on `channel` too.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn notify_on(
+    channel: &str,
+    statuses: default!(Option<Vec<String>>, "NULL"),
+    previous_statuses: default!(Option<Vec<String>>, "NULL"),
+    run_types: default!(Option<Vec<String>>, "NULL"),
+    stream: default!(Option<&str>, "NULL"),
+) -> SqlResult<i64> {
+    Ok(sessions::create_notification_rule(
+        channel,
+        statuses,
+        previous_statuses,
+        run_types,
+        stream,
+    )?)
+}
+
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn drop_notification_rule(id: i64) -> SqlResult<()> {
+    Ok(sessions::drop_notification_rule(id)?)
 }

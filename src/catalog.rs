@@ -229,13 +229,27 @@ pub fn load_meter_type(name: &str) -> Result<MeterTypeSettings> {
 
 /// The named meter types (those that exist), share-locked against concurrent edits.
 pub fn load_meter_types(names: &[String]) -> Result<HashMap<String, MeterTypeSettings>> {
+    Ok(load_types("name = ANY($1)", names.to_vec().into())?
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect())
+}
+
+/// The meter types with these ids, share-locked.
+pub fn load_meter_types_by_id(ids: &[i64]) -> Result<HashMap<i64, MeterTypeSettings>> {
+    Ok(load_types("id = ANY($1)", ids.to_vec().into())?
+        .into_iter()
+        .map(|t| (t.id, t))
+        .collect())
+}
+
+fn load_types(condition: &str, arg: pgrx::datum::DatumWithOid) -> Result<Vec<MeterTypeSettings>> {
+    let query = format!(
+        "SELECT id, name, aggregation, unit, reset_schedule, timezone, active_from, active_to
+           FROM meter.meter_types WHERE {condition} FOR SHARE"
+    );
     let rows = Spi::connect_mut(|client| -> Result<Vec<_>> {
-        let table = client.update(
-            "SELECT id, name, aggregation, unit, reset_schedule, timezone, active_from, active_to
-               FROM meter.meter_types WHERE name = ANY($1) FOR SHARE",
-            None,
-            &[names.to_vec().into()],
-        )?;
+        let table = client.update(&query, None, &[arg])?;
         let mut rows = Vec::with_capacity(table.len());
         for r in table {
             rows.push((
@@ -251,7 +265,7 @@ pub fn load_meter_types(names: &[String]) -> Result<HashMap<String, MeterTypeSet
         }
         Ok(rows)
     })?;
-    let mut types = HashMap::with_capacity(rows.len());
+    let mut types = Vec::with_capacity(rows.len());
     for (id, name, aggregation, unit, schedule, timezone, active_from, active_to) in rows {
         let settings = MeterTypeSettings {
             id,
@@ -266,7 +280,7 @@ pub fn load_meter_types(names: &[String]) -> Result<HashMap<String, MeterTypeSet
             active_from: active_from.and_then(to_timestamp),
             active_to: active_to.and_then(to_timestamp),
         };
-        types.insert(name, settings);
+        types.push(settings);
     }
     Ok(types)
 }
@@ -288,7 +302,6 @@ pub enum FlushBy {
 pub struct Stream {
     pub id: i64,
     pub name: String,
-    pub meter_key: String,
     pub mode: StreamMode,
     pub flush_by: FlushBy,
     pub rules: RuleSet,
@@ -489,7 +502,7 @@ pub fn stream_id(name: &str) -> Result<Option<i64>> {
 pub fn load_stream(name: &str) -> Result<Stream> {
     let row = Spi::connect_mut(|client| -> Result<_> {
         let table = client.update(
-            "SELECT id, name, meter_key, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
+            "SELECT id, name, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
                     id_field, auto_create_meters, audit
                FROM meter.streams WHERE name = $1 FOR SHARE",
             Some(1),
@@ -504,26 +517,24 @@ pub fn load_stream(name: &str) -> Result<Stream> {
             row.get::<String>(2)?.unwrap(),
             row.get::<String>(3)?.unwrap(),
             row.get::<String>(4)?.unwrap(),
-            row.get::<String>(5)?.unwrap(),
-            row.get::<pgrx::JsonB>(6)?.unwrap().0,
+            row.get::<pgrx::JsonB>(5)?.unwrap().0,
             [
+                row.get::<String>(6)?.unwrap(),
                 row.get::<String>(7)?.unwrap(),
                 row.get::<String>(8)?.unwrap(),
                 row.get::<String>(9)?.unwrap(),
-                row.get::<String>(10)?.unwrap(),
             ],
+            row.get::<bool>(10)?.unwrap(),
             row.get::<bool>(11)?.unwrap(),
-            row.get::<bool>(12)?.unwrap(),
         )))
     })?;
-    let Some((id, name, meter_key, mode, flush_by, rules, fields, auto_create_meters, audit)) = row else {
+    let Some((id, name, mode, flush_by, rules, fields, auto_create_meters, audit)) = row else {
         return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
     };
     let path = |text: &str| FieldPath::parse(text).map_err(MeterError::InvalidParameter);
     Ok(Stream {
         id,
         name,
-        meter_key,
         mode: parse_mode(&mode)?,
         flush_by: parse_flush_by(&flush_by)?,
         // Validated when written; meter types named by rules cannot be dropped.

@@ -37,3 +37,9 @@ pub fn transaction_now() -> Timestamp {
     let pg_micros = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     from_pg_micros(pg_micros).expect("now() is a finite instant")
 }
+
+/// The wall clock now, Postgres' `clock_timestamp()`.
+pub fn clock_now() -> Timestamp {
+    let pg_micros = unsafe { pg_sys::GetCurrentTimestamp() };
+    from_pg_micros(pg_micros).expect("the clock is a finite instant")
+}

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::catalog::{Stream, StreamMode};
 use crate::convert::{to_timestamptz, transaction_now};
 use crate::errors::{MeterError, Result};
+use crate::flush::{self, Scope};
 use crate::gucs;
 use crate::processor::{insert_rejected, Counts, Input, Mode, Outcome, Processor};
 use crate::record::{extract, Clock};
@@ -45,11 +46,28 @@ pub fn records_of(records: Value) -> Result<Vec<Value>> {
 pub fn ingest(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
     match stream.mode {
         StreamMode::Realtime => {
+            let now = transaction_now();
             let inputs: Vec<Input> = records
                 .into_iter()
                 .map(|record| Input { usage_id: None, record })
                 .collect();
-            let mut processor = Processor::new(stream, Mode::Apply, None, transaction_now())?;
+            // Usage lands in the current period: first flush the users' meters whose
+            // period ended since the last scan.
+            let users: Vec<String> = inputs
+                .iter()
+                .filter_map(|i| stream.fields.user_id.get(&i.record))
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .collect();
+            flush::flush(
+                stream.id,
+                None,
+                Scope::Due {
+                    as_of: now,
+                    users: Some(&users),
+                },
+                i64::MAX,
+            )?;
+            let mut processor = Processor::new(stream, Mode::Apply, None, now)?;
             let counts = Counts::of(&processor.process(&inputs)?);
             Ok(Ingested {
                 accepted: counts.metered,
@@ -158,10 +176,6 @@ fn read_chunk(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<Vec<Inp
     })?;
     inputs.sort_by_key(|i| i.usage_id);
     Ok(inputs)
-}
-
-pub fn pending_count(stream: &str) -> Result<i64> {
-    Ok(sql::one::<i64>("SELECT count(*) FROM meter.usage WHERE stream = $1", &[stream.into()])?.unwrap_or(0))
 }
 
 /// Sends rejected records (as they are now: fix them first with UPDATE) back to

@@ -11,20 +11,39 @@ pub mod aggregate;
 pub mod record;
 pub mod rules;
 pub mod schedule;
+pub mod session;
 
 mod api;
 mod catalog;
 mod convert;
 mod errors;
+mod flush;
 mod gucs;
 mod inbox;
 mod processor;
 mod run;
+mod sessions;
 mod sql;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/meter_record.sql", name = "meter_record", requires = ["schema"]);
 extension_sql_file!("../sql/usage.sql", name = "usage", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/sessions.sql",
+    name = "sessions",
+    requires = ["schema", "meter_record"]
+);
+extension_sql_file!(
+    "../sql/runs.sql",
+    name = "runs",
+    requires = [
+        "sessions",
+        api::run_begin,
+        api::run_to_end,
+        api::run_step,
+        api::run_fail
+    ]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]

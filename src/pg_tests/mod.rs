@@ -2,5 +2,6 @@
 
 mod catalog;
 mod processing;
+mod runs;
 mod streams;
 pub mod support;

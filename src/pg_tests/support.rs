@@ -66,10 +66,18 @@ pub fn error_message(statement: &str) -> String {
         .1
 }
 
-/// Meters a batch stream's pending records, as a run does.
+/// Runs a batch stream (`meter.run_stream`) and returns its session's counts.
 pub fn process(stream: &str) -> Counts {
-    let stream = crate::catalog::load_stream(stream).unwrap();
-    crate::run::process_pending(&stream, None, crate::convert::transaction_now()).unwrap()
+    let row = Spi::get_three_with_args::<i64, i64, i64>(
+        "SELECT (s).records_metered, (s).records_duplicate, (s).records_rejected FROM meter.run_stream($1) s",
+        &[stream.into()],
+    )
+    .unwrap();
+    Counts {
+        metered: row.0.unwrap(),
+        duplicates: row.1.unwrap(),
+        rejected: row.2.unwrap(),
+    }
 }
 
 /// Every row of a query as JSON (for comparing tables before and after).

@@ -4,4 +4,6 @@
 mod support;
 
 mod api;
+mod cron;
 mod install;
+mod sessions;

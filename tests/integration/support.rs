@@ -1,5 +1,6 @@
 //! Connections to the cluster scripts/integration.sh started.
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
 pub fn port() -> u16 {
@@ -27,4 +28,47 @@ pub fn fresh_database(name: &str) -> Client {
     let mut client = connect(name);
     client.batch_execute("CREATE EXTENSION meter_ext").unwrap();
     client
+}
+
+/// A connection that LISTENs and collects notifications as (channel, JSON payload).
+pub struct Listener {
+    client: Client,
+}
+
+impl Listener {
+    pub fn new(database: &str, channels: &[&str]) -> Listener {
+        let mut client = connect(database);
+        for channel in channels {
+            client.batch_execute(&format!("LISTEN \"{channel}\"")).unwrap();
+        }
+        Listener { client }
+    }
+
+    /// Collects notifications until `done` says the collection is complete or
+    /// `timeout` passes; returns what arrived.
+    pub fn until(
+        &mut self,
+        done: impl Fn(&[(String, serde_json::Value)]) -> bool,
+        timeout: std::time::Duration,
+    ) -> Vec<(String, serde_json::Value)> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut collected = Vec::new();
+        while !done(&collected) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut notifications = self.client.notifications();
+            let mut arriving = notifications.timeout_iter(left.min(std::time::Duration::from_millis(100)));
+            while let Some(n) = arriving.next().expect("listening connection") {
+                let payload = serde_json::from_str(n.payload())
+                    .unwrap_or_else(|e| panic!("payload on {} is not JSON ({e}): {}", n.channel(), n.payload()));
+                collected.push((n.channel().to_string(), payload));
+                if done(&collected) {
+                    break;
+                }
+            }
+        }
+        collected
+    }
 }

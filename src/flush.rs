@@ -1,0 +1,246 @@
+//! Flushing meters (SPEC §8): each meter's record goes to the outbox
+//! `meter.flushed` (and rings the `meter_flushed` doorbell) in the same statement
+//! that resets it and starts its next period.
+//!
+//! Rust decides, per meter, what happens (`plan`); one set-based statement per
+//! batch of meters does it.
+
+use std::collections::HashMap;
+
+use jiff::Timestamp;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+
+use crate::catalog::{self, MeterTypeSettings};
+use crate::convert::{to_timestamp, to_timestamptz};
+use crate::errors::Result;
+use crate::schedule::{period_after_flush_at, period_after_period_end, Period};
+use crate::sql;
+
+/// The channel each flushed record is announced on.
+pub const FLUSHED_CHANNEL: &str = "meter_flushed";
+
+/// Which meters a flush takes.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Meters whose period ended by `as_of` (optionally only these users'): the
+    /// next period runs from the old end to the first occurrence after `as_of`.
+    Due {
+        as_of: Timestamp,
+        users: Option<&'a [String]>,
+    },
+    /// Every meter of the stream (flush by stream execution): the period ends at
+    /// `at`, and the next one starts there.
+    All { at: Timestamp },
+}
+
+/// What a flush did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Meters taken (reset, closed or deleted).
+    pub meters: i64,
+    /// Records written to the outbox.
+    pub records: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Reset and start the next period.
+    Roll,
+    /// The meter type's active_to has passed: no next period.
+    Close,
+    /// delete_on_reset: gone after its flush.
+    Delete,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Roll => "roll",
+            Action::Close => "close",
+            Action::Delete => "delete",
+        }
+    }
+}
+
+/// A meter a flush takes, as read before deciding.
+struct Candidate {
+    id: i64,
+    type_id: i64,
+    period_end: Option<Timestamp>,
+    has_usage: bool,
+    delete_on_reset: bool,
+}
+
+/// What happens to one meter (SPEC §8): flushed at period end even without
+/// usage; once its type's active_to has passed, flushed only if it was updated in
+/// the period, and closed; deleted after its flush when delete_on_reset.
+fn plan(
+    candidate: &Candidate,
+    settings: &MeterTypeSettings,
+    scope: Scope,
+    periods: &mut HashMap<(i64, Timestamp), Period>,
+) -> (Timestamp, bool, Action, Option<Period>) {
+    let end = match scope {
+        Scope::Due { as_of, .. } => candidate.period_end.unwrap_or(as_of),
+        Scope::All { at } => at,
+    };
+    if settings.active_to.is_some_and(|to| to <= end) {
+        return (end, candidate.has_usage, Action::Close, None);
+    }
+    if candidate.delete_on_reset {
+        return (end, true, Action::Delete, None);
+    }
+    let period = *periods.entry((settings.id, end)).or_insert_with(|| match scope {
+        Scope::Due { as_of, .. } => period_after_period_end(&settings.schedule, &settings.tz, end, as_of),
+        Scope::All { at } => period_after_flush_at(&settings.schedule, &settings.tz, at),
+    });
+    (end, true, Action::Roll, Some(period))
+}
+
+/// Flushes up to `limit` meters of the stream; call again while it returns `limit`
+/// meters. Meters locked by someone else (a realtime ingest) are skipped when
+/// flushing due meters: they are flushed by that ingest or the next scan.
+pub fn flush(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64) -> Result<Flushed> {
+    let candidates = select(stream_id, scope, limit)?;
+    if candidates.is_empty() {
+        return Ok(Flushed::default());
+    }
+    let mut type_ids: Vec<i64> = candidates.iter().map(|c| c.type_id).collect();
+    type_ids.sort_unstable();
+    type_ids.dedup();
+    let types = catalog::load_meter_types_by_id(&type_ids)?;
+    let mut periods = HashMap::new();
+    let mut columns = Columns::default();
+    for candidate in &candidates {
+        let (end, emit, action, period) = plan(candidate, &types[&candidate.type_id], scope, &mut periods);
+        columns.ids.push(candidate.id);
+        columns.record_ends.push(to_timestamptz(end));
+        columns.emit.push(emit);
+        columns.actions.push(action.name().to_string());
+        columns.new_starts.push(to_timestamptz(period.map_or(end, |p| p.start)));
+        columns.new_ends.push(period.and_then(|p| p.end).map(to_timestamptz));
+    }
+    let records = apply(session_id, columns)?;
+    Ok(Flushed {
+        meters: candidates.len() as i64,
+        records,
+    })
+}
+
+fn select(stream_id: i64, scope: Scope, limit: i64) -> Result<Vec<Candidate>> {
+    let (query, args): (&str, Vec<pgrx::datum::DatumWithOid>) = match scope {
+        Scope::Due { as_of, users } => (
+            "SELECT id, meter_type_id, period_end, record_count > 0, delete_on_reset
+               FROM meter.meters
+              WHERE stream_id = $1 AND closed_at IS NULL AND period_end <= $2
+                AND ($4::text[] IS NULL OR user_id = ANY ($4))
+              ORDER BY id LIMIT $3
+              FOR UPDATE SKIP LOCKED",
+            vec![
+                stream_id.into(),
+                to_timestamptz(as_of).into(),
+                limit.into(),
+                users.map(|u| u.to_vec()).into(),
+            ],
+        ),
+        Scope::All { at } => (
+            "SELECT id, meter_type_id, period_end, record_count > 0, delete_on_reset
+               FROM meter.meters
+              WHERE stream_id = $1 AND closed_at IS NULL AND period_start < $2
+              ORDER BY id LIMIT $3
+              FOR UPDATE",
+            vec![stream_id.into(), to_timestamptz(at).into(), limit.into()],
+        ),
+    };
+    Spi::connect_mut(|client| {
+        let rows = client.update(query, None, &args)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(Candidate {
+                id: r.get::<i64>(1)?.unwrap(),
+                type_id: r.get::<i64>(2)?.unwrap(),
+                period_end: r.get::<TimestampWithTimeZone>(3)?.and_then(to_timestamp),
+                has_usage: r.get::<bool>(4)?.unwrap(),
+                delete_on_reset: r.get::<bool>(5)?.unwrap(),
+            });
+        }
+        Ok(out)
+    })
+}
+
+#[derive(Default)]
+struct Columns {
+    ids: Vec<i64>,
+    record_ends: Vec<TimestampWithTimeZone>,
+    emit: Vec<bool>,
+    actions: Vec<String>,
+    new_starts: Vec<TimestampWithTimeZone>,
+    new_ends: Vec<Option<TimestampWithTimeZone>>,
+}
+
+/// One statement: write the outbox records (with the period end the flush gives
+/// them), ring the doorbell, then reset, close or delete the meters. All its
+/// parts see the meters as they were before it.
+fn apply(session_id: Option<i64>, c: Columns) -> Result<i64> {
+    let records = sql::one::<i64>(
+        "WITH plan AS (
+             SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::boolean[], $4::text[], $5::timestamptz[],
+                                  $6::timestamptz[])
+                 AS p(id, record_end, emit, action, new_start, new_end)),
+         outbox AS (
+             INSERT INTO meter.flushed (stream_id, session_id, meter_id, user_id, record)
+             SELECT m.stream_id, $7, m.id, m.user_id,
+                    meter.record_json(m, t, s)
+                        || pg_catalog.jsonb_build_object('periodEnd', meter.iso_utc(p.record_end))
+               FROM plan p
+               JOIN meter.meters m ON m.id = p.id
+               JOIN meter.meter_types t ON t.id = m.meter_type_id
+               JOIN meter.streams s ON s.id = m.stream_id
+              WHERE p.emit
+              ORDER BY m.id
+             RETURNING id, meter_id, record),
+         doorbell AS (
+             SELECT pg_catalog.pg_notify($8, CASE WHEN pg_catalog.octet_length(full_payload) < 8000 THEN full_payload
+                    ELSE pg_catalog.jsonb_build_object('flushId', o.id, 'meterId', o.meter_id, 'truncated', true)::text END)
+               FROM (SELECT o.*, (o.record || pg_catalog.jsonb_build_object('flushId', o.id))::text AS full_payload
+                       FROM outbox o ORDER BY o.id) o),
+         deleted AS (
+             DELETE FROM meter.meters m USING plan p WHERE m.id = p.id AND p.action = 'delete' RETURNING m.id),
+         forgotten AS (
+             DELETE FROM meter.meter_distinct d USING plan p WHERE d.meter_id = p.id AND p.action <> 'delete'),
+         reset AS (
+             UPDATE meter.meters m
+                SET value = CASE WHEN t.aggregation IN ('sum', 'increment', 'unique_count') THEN 0 END,
+                    groups = '[]', carry_first = '{}', carry_last = '{}', aggregation_state = NULL,
+                    first_record_at = NULL, last_record_at = NULL, record_count = 0,
+                    aggregation = t.aggregation, unit = t.unit, timezone = t.timezone,
+                    period_start = p.new_start, period_end = p.new_end,
+                    closed_at = CASE WHEN p.action = 'close' THEN pg_catalog.now() END,
+                    updated_at = pg_catalog.now()
+               FROM plan p, meter.meter_types t
+              WHERE m.id = p.id AND p.action <> 'delete' AND t.id = m.meter_type_id
+             RETURNING m.id)
+         SELECT (SELECT count(*) FROM doorbell) + 0 * (SELECT count(*) FROM deleted) + 0 * (SELECT count(*) FROM reset)",
+        &[
+            c.ids.into(),
+            c.record_ends.into(),
+            c.emit.into(),
+            c.actions.into(),
+            c.new_starts.into(),
+            c.new_ends.into(),
+            session_id.into(),
+            FLUSHED_CHANNEL.into(),
+        ],
+    )?;
+    Ok(records.unwrap_or(0))
+}
+
+/// How many meters of the stream a flush would take now (DEBUG runs report it).
+pub fn count_due(stream_id: i64, as_of: Timestamp) -> Result<i64> {
+    Ok(sql::one::<i64>(
+        "SELECT count(*) FROM meter.meters WHERE stream_id = $1 AND closed_at IS NULL AND period_end <= $2",
+        &[stream_id.into(), to_timestamptz(as_of).into()],
+    )?
+    .unwrap_or(0))
+}

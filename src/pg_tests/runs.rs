@@ -1,0 +1,454 @@
+//! Runs, sessions, flushing and the batch scan semantics.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use crate::pg_tests::support::*;
+    use crate::processor::Counts;
+    use pgrx::prelude::*;
+    use serde_json::json;
+
+    /// A daily sum meter type, a stream that auto-creates meters, one meter.
+    fn daily(flush_by: &str) -> i64 {
+        run("SELECT meter.create_meter_type('calls', 'sum', '@daily', 'Europe/Stockholm', unit => 'calls')");
+        run(&format!(
+            r#"SELECT meter.create_stream('s', '[{{"name": "all", "meter_type": "calls", "group_by": ["region"]}}]',
+                                          flush_by => '{flush_by}', auto_create_meters => true)"#
+        ));
+        sql_i64("SELECT meter.create_meter('s', 'calls', 'acme')")
+    }
+
+    fn ingest(records: serde_json::Value) {
+        Spi::run_with_args("SELECT meter.ingest('s', $1)", &[pgrx::JsonB(records).into()]).unwrap();
+    }
+
+    fn events(session: i64) -> String {
+        sql_text(&format!(
+            "SELECT string_agg(previous_status || '>' || status, ' ' ORDER BY id) FROM meter.session_events WHERE session_id = {session}"
+        ))
+        .unwrap_or_default()
+    }
+
+    /// Moves a meter's current period into the past, as if its end had passed.
+    fn expire(meter: i64, days_ago: i32) {
+        run(&format!(
+            "UPDATE meter.meters SET period_start = now() - interval '{} days', period_end = now() - interval '{days_ago} days'
+              WHERE id = {meter}",
+            days_ago + 1
+        ));
+    }
+
+    #[pg_test]
+    fn a_normal_run_goes_through_every_status_and_returns_its_session() {
+        daily("period_end");
+        ingest(json!([{"userId": "acme", "value": 2}, {"userId": "acme", "value": "x"}]));
+        let (status, metered, rejected) = Spi::get_three::<String, i64, i64>(
+            "SELECT status, records_metered, records_rejected FROM meter.run_stream('s')",
+        )
+        .unwrap();
+        assert_eq!(
+            (status.as_deref(), metered, rejected),
+            (Some("COMPLETED"), Some(1), Some(1))
+        );
+        let session = sql_i64("SELECT max(id) FROM meter.sessions");
+        assert_eq!(
+            events(session),
+            "NEVER_RUN>INITIALIZING INITIALIZING>RUNNING RUNNING>USAGE_PUSHING USAGE_PUSHING>PUSH_COMPLETED PUSH_COMPLETED>COMPLETED"
+        );
+        assert_eq!(
+            sql_i64(&format!(
+                "SELECT count(*) FROM meter.sessions WHERE id = {session} AND ended_at IS NOT NULL"
+            )),
+            1
+        );
+        // The rejected record names its session; the audit too.
+        assert_eq!(
+            sql_i64(&format!(
+                "SELECT count(*) FROM meter.rejected WHERE session_id = {session}"
+            )),
+            1
+        );
+        assert_eq!(
+            sql_i64(&format!(
+                "SELECT count(*) FROM meter.usage_audit WHERE session_id = {session}"
+            )),
+            1
+        );
+        assert_eq!(
+            sql_text("SELECT status || ' ' || session_id FROM meter.stream_status WHERE stream = 's'"),
+            Some(format!("COMPLETED {session}"))
+        );
+        assert_eq!(
+            sql_text(&format!("SELECT done || '/' || pending || '/' || percent FROM meter.session_progress WHERE session_id = {session}")).as_deref(),
+            Some("2/0/100.0")
+        );
+    }
+
+    #[pg_test]
+    fn a_stream_that_never_ran_says_so() {
+        daily("period_end");
+        assert_eq!(
+            sql_text("SELECT status FROM meter.stream_status").as_deref(),
+            Some("NEVER_RUN")
+        );
+    }
+
+    #[pg_test]
+    fn expired_meters_are_flushed_before_new_usage_is_applied() {
+        let meter = daily("period_end");
+        ingest(json!({"userId": "acme", "value": 5, "region": "eu"}));
+        process("s");
+        expire(meter, 1);
+        let old_end = sql_text(&format!(
+            "SELECT meter.iso_utc(period_end) FROM meter.meters WHERE id = {meter}"
+        ))
+        .unwrap();
+        ingest(json!({"userId": "acme", "value": 7, "region": "us"}));
+        process("s");
+        // The old period went out with its own usage only...
+        let record = sql_json("SELECT record FROM meter.flushed ORDER BY id DESC LIMIT 1");
+        assert_eq!(record["value"], json!(5));
+        assert_eq!(
+            record["groups"],
+            json!([{"key": "region=eu", "fields": {"region": "eu"}, "value": 5}])
+        );
+        assert_eq!(record["periodEnd"], json!(old_end));
+        // ... and the new usage landed in the new period, which starts at the old end.
+        let (value, start, end_in_future) = Spi::get_three::<String, String, bool>(&format!(
+            "SELECT value::text, meter.iso_utc(period_start), period_end > now() FROM meter.meters WHERE id = {meter}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (value.as_deref(), start, end_in_future),
+            (Some("7"), Some(old_end), Some(true))
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.flushed"), 1);
+    }
+
+    #[pg_test]
+    fn a_late_run_merges_the_periods_it_missed() {
+        let meter = daily("period_end");
+        expire(meter, 3);
+        let old_end = sql_text(&format!("SELECT period_end::text FROM meter.meters WHERE id = {meter}")).unwrap();
+        process("s");
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.flushed"), 1);
+        let (start, end) = Spi::get_two::<String, String>(&format!(
+            "SELECT period_start::text, (period_end AT TIME ZONE 'Europe/Stockholm')::text FROM meter.meters WHERE id = {meter}"
+        ))
+        .unwrap();
+        assert_eq!(start, Some(old_end));
+        // One merged period, ending at the next local midnight after now.
+        assert_eq!(
+            end,
+            sql_text("SELECT (date_trunc('day', now() AT TIME ZONE 'Europe/Stockholm') + interval '1 day')::text")
+        );
+    }
+
+    #[pg_test]
+    fn a_meter_without_usage_is_flushed_with_its_reset_value() {
+        run("SELECT meter.create_meter_type('peak', 'max', '@daily')");
+        let meter = daily("period_end");
+        run("SELECT meter.create_meter('s', 'peak', 'acme')");
+        run("UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day'");
+        process("s");
+        let values = rows("SELECT meter_id, record->'value' AS value, record->'meterMetaData'->'recordCount' AS n FROM meter.flushed ORDER BY meter_id");
+        assert_eq!(
+            values,
+            json!([{"meter_id": meter, "value": 0, "n": 0}, {"meter_id": meter + 1, "value": null, "n": 0}])
+        );
+    }
+
+    #[pg_test]
+    fn after_active_to_only_updated_meters_are_flushed_and_none_gets_a_new_period() {
+        let used = daily("period_end");
+        let idle = sql_i64("SELECT meter.create_meter('s', 'calls', 'globex')");
+        ingest(json!({"userId": "acme", "value": 3}));
+        process("s");
+        // The type stopped being active before the period ended.
+        run("UPDATE meter.meter_types SET active_to = now() - interval '1 hour'");
+        run("UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '10 minutes'");
+        process("s");
+        assert_eq!(
+            sql_text("SELECT string_agg(meter_id::text, ',') FROM meter.flushed").unwrap(),
+            used.to_string()
+        );
+        let closed = rows("SELECT id, closed_at IS NOT NULL AS closed, period_end FROM meter.meters ORDER BY id");
+        assert_eq!(
+            closed,
+            json!([{"id": used, "closed": true, "period_end": null}, {"id": idle, "closed": true, "period_end": null}])
+        );
+        // A closed meter is never flushed again.
+        process("s");
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.flushed"), 1);
+    }
+
+    #[pg_test]
+    fn delete_on_reset_meters_are_deleted_after_their_flush() {
+        let meter = daily("period_end");
+        run(&format!("SELECT meter.update_meter({meter}, delete_on_reset => true)"));
+        ingest(json!({"userId": "acme", "value": 4}));
+        process("s");
+        expire(meter, 1);
+        process("s");
+        let record = sql_json("SELECT record FROM meter.flushed");
+        assert_eq!(
+            (record["value"].clone(), record["deleteOnReset"].clone()),
+            (json!(4), json!(true))
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.meters"), 0);
+    }
+
+    #[pg_test]
+    fn flush_by_stream_execution_flushes_every_meter_at_the_run() {
+        let meter = daily("stream_execution");
+        ingest(json!({"userId": "acme", "value": 9}));
+        process("s");
+        let session = sql_i64("SELECT max(id) FROM meter.sessions");
+        let (record, flushed_at) = Spi::get_two::<pgrx::JsonB, String>(&format!(
+            "SELECT f.record, meter.iso_utc(s.as_of) FROM meter.flushed f JOIN meter.sessions s ON s.id = f.session_id WHERE s.id = {session}"
+        ))
+        .unwrap();
+        let record = record.unwrap().0;
+        assert_eq!(record["value"], json!(9));
+        // The period ends at the flush, and the next one starts there.
+        assert_eq!(record["periodEnd"], json!(flushed_at.clone().unwrap()));
+        assert_eq!(
+            sql_text(&format!(
+                "SELECT meter.iso_utc(period_start) || ' ' || value FROM meter.meters WHERE id = {meter}"
+            )),
+            Some(format!("{} 0", flushed_at.unwrap()))
+        );
+    }
+
+    #[pg_test]
+    fn the_flushed_record_has_exactly_ues_keys_and_a_session() {
+        let meter = daily("period_end");
+        ingest(json!({"userId": "acme", "value": 1}));
+        process("s");
+        expire(meter, 1);
+        process("s");
+        let record = sql_json("SELECT record FROM meter.flushed");
+        let mut keys: Vec<String> = record.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "carryFirst",
+                "carryLast",
+                "createdAt",
+                "deleteOnReset",
+                "groups",
+                "id",
+                "meterKey",
+                "meterMetaData",
+                "meterTypeId",
+                "meterTypeName",
+                "periodEnd",
+                "periodStart",
+                "timezone",
+                "unit",
+                "updatedAt",
+                "userId",
+                "value"
+            ]
+        );
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.flushed WHERE session_id IS NOT NULL AND user_id = 'acme'"),
+            1
+        );
+    }
+
+    fn everything() -> serde_json::Value {
+        snapshot(
+            "SELECT 'meters' AS t, to_jsonb(m) AS row FROM meter.meters m
+             UNION ALL SELECT 'usage', to_jsonb(u) FROM meter.usage u
+             UNION ALL SELECT 'rejected', to_jsonb(r) FROM meter.rejected r
+             UNION ALL SELECT 'audit', to_jsonb(a) FROM meter.usage_audit a
+             UNION ALL SELECT 'dedupe', to_jsonb(d) FROM meter.dedupe_keys d
+             UNION ALL SELECT 'flushed', to_jsonb(f) FROM meter.flushed f",
+        )
+    }
+
+    #[pg_test]
+    fn a_debug_run_reports_and_changes_nothing() {
+        let meter = daily("period_end");
+        expire(meter, 1);
+        ingest(
+            json!([{"userId": "acme", "value": 1, "id": "a"}, {"userId": "acme", "value": 1, "id": "a"}, {"userId": "newbie", "value": 2}]),
+        );
+        let before = everything();
+        let (status, report) = Spi::get_two::<String, pgrx::JsonB>(
+            "SELECT status, report FROM meter.run_stream('s', run_type => 'DEBUG')",
+        )
+        .unwrap();
+        assert_eq!(everything(), before);
+        assert_eq!(status.as_deref(), Some("TESTING_PASSED"));
+        let report = report.unwrap().0;
+        assert_eq!(
+            (
+                report["records"].clone(),
+                report["metered"].clone(),
+                report["duplicates"].clone(),
+                report["metersDue"].clone(),
+                report["metersCreated"].clone()
+            ),
+            (json!(3), json!(2), json!(1), json!(1), json!(1))
+        );
+        assert_eq!(report["byRule"], json!({"all": 2}));
+        let session = sql_i64("SELECT max(id) FROM meter.sessions");
+        assert_eq!(events(session), "NEVER_RUN>TESTING TESTING>TESTING_PASSED");
+
+        ingest(json!({"userId": "acme", "value": "nope"}));
+        let (status, report) =
+            Spi::get_two::<String, pgrx::JsonB>("SELECT status, report FROM meter.run_stream('s', 'DEBUG')").unwrap();
+        assert_eq!(status.as_deref(), Some("TESTING_FAILED"));
+        assert_eq!(report.unwrap().0["rejections"], json!({"invalid_value": 1}));
+    }
+
+    #[pg_test]
+    fn a_stale_working_session_is_failed_by_the_next_run() {
+        daily("period_end");
+        run(
+            "INSERT INTO meter.sessions (stream_id, run_type, status, backend_pid, backend_start)
+             SELECT id, 'NORMAL', 'RUNNING', 999999, now() FROM meter.streams",
+        );
+        let stale = sql_i64("SELECT max(id) FROM meter.sessions");
+        ingest(json!({"userId": "acme", "value": 1}));
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 1,
+                duplicates: 0,
+                rejected: 0
+            }
+        );
+        assert_eq!(
+            sql_text(&format!(
+                "SELECT status || ': ' || error FROM meter.sessions WHERE id = {stale}"
+            ))
+            .as_deref(),
+            Some("FAILED: its backend (pid 999999) ended before the run finished")
+        );
+        assert_eq!(events(stale), "RUNNING>FAILED");
+    }
+
+    #[pg_test]
+    fn pause_resume_and_cancel_follow_the_state_machine() {
+        daily("period_end");
+        let session = sql_i64("SELECT meter._run_begin('s', 'NORMAL', false, true)");
+        assert_eq!(
+            sql_text(&format!("SELECT meter._run_step({session})")).as_deref(),
+            Some("more")
+        );
+        assert_eq!(sql_i64("SELECT meter.pause('s')"), session);
+        assert_eq!(
+            sql_text(&format!("SELECT meter._run_step({session})")).as_deref(),
+            Some("paused")
+        );
+        assert_eq!(
+            error_message("SELECT meter.pause('s')"),
+            format!("session {session} cannot go from PAUSED to PAUSED (a NORMAL session in PAUSED can go to RUNNING, FAILED, CANCELED)")
+        );
+        assert_eq!(sql_i64("SELECT meter.resume('s')"), session);
+        run(&format!("SELECT meter.cancel({session})"));
+        assert_eq!(
+            sql_text(&format!("SELECT meter._run_step({session})")).as_deref(),
+            Some("done")
+        );
+        assert_eq!(
+            events(session),
+            "NEVER_RUN>INITIALIZING INITIALIZING>RUNNING RUNNING>PAUSED PAUSED>RUNNING RUNNING>CANCELED"
+        );
+        assert_eq!(
+            error_message(&format!("SELECT meter.cancel({session})")),
+            format!("session {session} cannot go from CANCELED to CANCELED: CANCELED is final")
+        );
+        assert_eq!(
+            error_message("SELECT meter.resume('s')"),
+            "stream \"s\" has no working session to pause or resume"
+        );
+        assert_eq!(
+            error_message("SELECT meter.cancel(424242)"),
+            "session 424242 does not exist"
+        );
+    }
+
+    #[pg_test]
+    fn run_arguments_are_checked() {
+        daily("period_end");
+        assert_eq!(
+            error_message("SELECT meter.run_stream('s', 'FAST')"),
+            "run_type \"FAST\" is not supported: use NORMAL or DEBUG"
+        );
+        assert_eq!(
+            error_message("SELECT meter.run_stream('nope')"),
+            "stream \"nope\" does not exist"
+        );
+        run("SELECT meter.create_stream('rt', mode => 'realtime')");
+        assert_eq!(
+            error_message("SELECT meter.run_stream('rt')"),
+            "stream \"rt\" is realtime: its records are metered as they arrive, and its meters are flushed by meter.scan_once()"
+        );
+    }
+
+    #[pg_test]
+    fn notification_rules_are_validated() {
+        daily("period_end");
+        let id = sql_i64(
+            "SELECT meter.notify_on('ops_alerts', statuses => ARRAY['failed', 'TESTING_FAILED'], stream => 's')",
+        );
+        assert_eq!(
+            sql_text(&format!(
+                "SELECT array_to_string(statuses, ',') FROM meter.notification_rules WHERE id = {id}"
+            ))
+            .as_deref(),
+            Some("FAILED,TESTING_FAILED")
+        );
+        assert_eq!(
+            error_message("SELECT meter.notify_on('x', statuses => ARRAY['BROKEN'])"),
+            "statuses: \"BROKEN\" is not a session status: use one of NEVER_RUN, TESTING, TESTING_PASSED, TESTING_FAILED, INITIALIZING, RUNNING, PAUSED, USAGE_PUSHING, PUSH_COMPLETED, CONSUME_COMPLETED, COMPLETED, FAILED, CANCELED"
+        );
+        assert_eq!(
+            error_message("SELECT meter.notify_on('x', run_types => ARRAY['FAST'])"),
+            "run_types: run_type \"FAST\" is not supported: use NORMAL or DEBUG"
+        );
+        assert_eq!(
+            error_message(&format!("SELECT meter.notify_on('{}')", "c".repeat(64))),
+            format!(
+                "channel \"{}\" must be 1 to 63 bytes long (a LISTEN channel name)",
+                "c".repeat(64)
+            )
+        );
+        assert_eq!(
+            error_message("SELECT meter.notify_on('x', statuses => ARRAY[]::text[])"),
+            "statuses must not be empty: pass NULL to match any"
+        );
+        assert_eq!(
+            error_message("SELECT meter.notify_on('x', stream => 'nope')"),
+            "stream \"nope\" does not exist"
+        );
+        run(&format!("SELECT meter.drop_notification_rule({id})"));
+        assert_eq!(
+            error_message(&format!("SELECT meter.drop_notification_rule({id})")),
+            format!("notification rule {id} does not exist")
+        );
+    }
+
+    #[pg_test]
+    fn a_realtime_ingest_flushes_the_users_expired_meters_first() {
+        let meter = daily("period_end");
+        run("SELECT meter.alter_stream('s', mode => 'realtime')");
+        ingest(json!({"userId": "acme", "value": 5}));
+        expire(meter, 1);
+        ingest(json!({"userId": "acme", "value": 6}));
+        assert_eq!(
+            sql_text("SELECT (record->'value')::text FROM meter.flushed").as_deref(),
+            Some("5")
+        );
+        assert_eq!(
+            sql_text(&format!("SELECT value::text FROM meter.meters WHERE id = {meter}")).as_deref(),
+            Some("6")
+        );
+    }
+}
