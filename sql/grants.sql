@@ -14,7 +14,9 @@ GRANT EXECUTE ON FUNCTION
     meter.record_json(meter.meters, meter.meter_types, meter.streams),
     meter.meter_record(bigint),
     meter.next_period_end(text, text, timestamptz),
-    meter.session_event_payload(meter.sessions, meter.streams, text)
+    meter.session_event_payload(meter.sessions, meter.streams, text),
+    meter.audited_value(bigint),
+    meter.verify_meters(text)
 TO meter_reader;
 
 -- Writers: send usage (by function, or plain INSERT / COPY into meter.usage),
@@ -33,7 +35,9 @@ GRANT EXECUTE ON FUNCTION
     meter._run_fail,
     meter.pause,
     meter.resume,
-    meter.cancel
+    meter.cancel,
+    meter.read_flushed,
+    meter.ack_flushed
 TO meter_writer;
 GRANT EXECUTE ON PROCEDURE meter.execute_stream TO meter_writer;
 
@@ -49,5 +53,8 @@ GRANT EXECUTE ON FUNCTION
     meter.update_meter,
     meter.delete_meter,
     meter.notify_on,
-    meter.drop_notification_rule
+    meter.drop_notification_rule,
+    meter.register_consumer,
+    meter.unregister_consumer,
+    meter.purge
 TO meter_admin;

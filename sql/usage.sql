@@ -77,7 +77,8 @@ CREATE TABLE meter.usage_audit (
     record_id    text,                   -- the record's own id field
     rule         text NOT NULL,
     value        numeric NOT NULL,       -- what the record added (1 for increment; 1 or 0 for unique_count)
-    period_start timestamptz NOT NULL,
+    record_at    timestamptz NOT NULL,   -- the time the record counts at (its timestamp, or processing time)
+    period_start timestamptz NOT NULL,   -- the meter period it went to
     processed_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX usage_audit_session ON meter.usage_audit (session_id);

@@ -2,7 +2,7 @@
 //! Functions that write run as their owner with a pinned `search_path`; what each
 //! role may call is granted in `sql/grants.sql`.
 
-use pgrx::datum::TimestampWithTimeZone;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{AnyNumeric, JsonB};
@@ -11,7 +11,9 @@ use crate::catalog::{self, MeterTypeSpec, StreamSpec};
 use crate::convert::{to_timestamp, to_timestamptz, transaction_now};
 use crate::errors::{MeterError, SqlResult};
 use crate::inbox;
+use crate::outbox;
 use crate::processor::{Input, Mode, Outcome, Processor};
+use crate::retention;
 use crate::run;
 use crate::schedule::{parse_timezone, Schedule};
 use crate::session::RunType;
@@ -382,4 +384,37 @@ fn notify_on(
 #[search_path(pg_catalog, pg_temp)]
 fn drop_notification_rule(id: i64) -> SqlResult<()> {
     Ok(sessions::drop_notification_rule(id)?)
+}
+
+// ---- downstream ----------------------------------------------------------------
+
+/// Registers a consumer of a stream's flushed records (read with meter.read_flushed).
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn register_consumer(name: &str, stream: &str, from_beginning: default!(bool, "true")) -> SqlResult<i64> {
+    Ok(outbox::register(name, stream, from_beginning)?)
+}
+
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn unregister_consumer(name: &str, stream: &str) -> SqlResult<()> {
+    Ok(outbox::unregister(name, stream)?)
+}
+
+/// Acknowledges every flushed record up to this flush id; returns how many it acknowledged.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn ack_flushed(consumer: &str, up_to_flush_id: i64) -> SqlResult<i64> {
+    Ok(outbox::ack(consumer, up_to_flush_id)?)
+}
+
+/// Removes what retention allows, in batches: acknowledged outbox records, the
+/// audit of finished periods, expired dedupe ids, reprocessed rejected records.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn purge(
+    older_than: Interval,
+    batch_size: default!(i64, "10000"),
+) -> Result<TableIterator<'static, (name!(kind, &'static str), name!(purged, i64))>, ErrorReport> {
+    Ok(TableIterator::new(retention::purge(older_than, batch_size)?))
 }

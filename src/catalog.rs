@@ -628,9 +628,10 @@ pub fn insert_meters(stream_id: i64, meters: &[NewMeter], now: Timestamp) -> Res
     Spi::connect_mut(|client| {
         let rows = client.update(
             "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, delete_on_reset, aggregation, unit,
-                                       timezone, period_start, period_end)
-             SELECT $1, n.* FROM unnest($2::bigint[], $3::text[], $4::numeric[], $5::boolean[], $6::text[], $7::text[],
-                                        $8::text[], $9::timestamptz[], $10::timestamptz[]) AS n
+                                       timezone, period_start, period_end, created_at, updated_at)
+             SELECT $1, n.*, $11, $11
+               FROM unnest($2::bigint[], $3::text[], $4::numeric[], $5::boolean[], $6::text[], $7::text[],
+                           $8::text[], $9::timestamptz[], $10::timestamptz[]) AS n
              ON CONFLICT (stream_id, meter_type_id, user_id) DO NOTHING
              RETURNING id",
             None,
@@ -645,6 +646,7 @@ pub fn insert_meters(stream_id: i64, meters: &[NewMeter], now: Timestamp) -> Res
                 columns.6.into(),
                 starts.into(),
                 ends.into(),
+                to_timestamptz(now).into(),
             ],
         )?;
         let mut ids = Vec::with_capacity(rows.len());

@@ -14,6 +14,7 @@ use pgrx::prelude::*;
 use crate::catalog::{self, MeterTypeSettings};
 use crate::convert::{to_timestamp, to_timestamptz};
 use crate::errors::Result;
+use crate::locks;
 use crate::schedule::{period_after_flush_at, period_after_period_end, Period};
 use crate::sql;
 
@@ -121,6 +122,7 @@ pub fn flush(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64) 
         columns.new_starts.push(to_timestamptz(period.map_or(end, |p| p.start)));
         columns.new_ends.push(period.and_then(|p| p.end).map(to_timestamptz));
     }
+    locks::outbox()?;
     let records = apply(session_id, columns)?;
     Ok(Flushed {
         meters: candidates.len() as i64,

@@ -20,19 +20,25 @@ mod errors;
 mod flush;
 mod gucs;
 mod inbox;
+mod locks;
+mod outbox;
 mod processor;
+mod retention;
 mod run;
 mod sessions;
 mod sql;
 
+// Hand-written DDL, in dependency order; grants last.
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/meter_record.sql", name = "meter_record", requires = ["schema"]);
 extension_sql_file!("../sql/usage.sql", name = "usage", requires = ["schema"]);
 extension_sql_file!(
     "../sql/sessions.sql",
     name = "sessions",
-    requires = ["schema", "meter_record"]
+    requires = ["meter_record", "usage"]
 );
+extension_sql_file!("../sql/consumers.sql", name = "consumers", requires = ["sessions"]);
+extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["usage"]);
 extension_sql_file!(
     "../sql/runs.sql",
     name = "runs",

@@ -806,6 +806,7 @@ struct AuditRows {
     record_ids: Vec<Option<String>>,
     rules: Vec<String>,
     values: Vec<String>,
+    record_times: Vec<TimestampWithTimeZone>,
     period_starts: Vec<TimestampWithTimeZone>,
 }
 
@@ -817,6 +818,7 @@ impl AuditRows {
         self.record_ids.push(item.record_id.clone());
         self.rules.push(item.rule.name.clone());
         self.values.push(value.to_plain_string());
+        self.record_times.push(to_timestamptz(item.at));
         self.period_starts.push(to_timestamptz(slot.period_start));
     }
 
@@ -825,10 +827,13 @@ impl AuditRows {
             return Ok(());
         }
         sql::execute(
-            "INSERT INTO meter.usage_audit (session_id, stream_id, meter_id, user_id, usage_id, record_id, rule, value, period_start)
-             SELECT $1, $2, a.meter_id, a.user_id, a.usage_id, a.record_id, a.rule, a.value::numeric, a.period_start
-               FROM unnest($3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::timestamptz[])
-                    AS a(meter_id, user_id, usage_id, record_id, rule, value, period_start)",
+            "INSERT INTO meter.usage_audit (session_id, stream_id, meter_id, user_id, usage_id, record_id, rule, value,
+                                            record_at, period_start)
+             SELECT $1, $2, a.meter_id, a.user_id, a.usage_id, a.record_id, a.rule, a.value::numeric, a.record_at,
+                    a.period_start
+               FROM unnest($3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[],
+                           $9::timestamptz[], $10::timestamptz[])
+                    AS a(meter_id, user_id, usage_id, record_id, rule, value, record_at, period_start)",
             &[
                 session_id.into(),
                 stream_id.into(),
@@ -838,6 +843,7 @@ impl AuditRows {
                 self.record_ids.into(),
                 self.rules.into(),
                 self.values.into(),
+                self.record_times.into(),
                 self.period_starts.into(),
             ],
         )?;

@@ -19,6 +19,8 @@ use crate::errors::{MeterError, Result};
 use crate::flush::{self, Flushed, Scope};
 use crate::gucs;
 use crate::inbox;
+use crate::locks;
+use crate::outbox;
 use crate::processor::{Counts, Mode, Outcome, Processor};
 use crate::session::{RunType, Status};
 use crate::sessions::{self, Session};
@@ -40,32 +42,6 @@ impl Step {
             Step::Done => "done",
         }
     }
-}
-
-/// Advisory lock namespace of meter_ext ("metr"); the second key is the stream id.
-const LOCK_NAMESPACE: i32 = 0x6d65_7472;
-
-/// Holds the stream's run lock until the end of the transaction. Every
-/// transaction that runs a stream takes it, so an uncommitted `run_stream` is
-/// seen by a second run before that run would block on it.
-pub fn lock_stream(stream_id: i64, wait: bool) -> Result<bool> {
-    let function = if wait {
-        "pg_advisory_xact_lock"
-    } else {
-        "pg_try_advisory_xact_lock"
-    };
-    let query = format!("SELECT coalesce(pg_catalog.{function}($1, $2::int)::text, 'true')");
-    Ok(sql::one::<String>(&query, &[LOCK_NAMESPACE.into(), stream_id.into()])?.as_deref() == Some("true"))
-}
-
-/// The backend holding a stream's run lock, for error messages.
-fn lock_holder(stream_id: i64) -> Result<Option<i32>> {
-    sql::one::<i32>(
-        "SELECT pid FROM pg_catalog.pg_locks
-          WHERE locktype = 'advisory' AND classid = $1::oid AND objid = $2::oid AND granted
-            AND pid <> pg_catalog.pg_backend_pid() LIMIT 1",
-        &[(LOCK_NAMESPACE as i64).into(), stream_id.into()],
-    )
 }
 
 fn pause_briefly() -> Result<()> {
@@ -109,7 +85,7 @@ pub fn begin(stream_name: &str, run_type: RunType, wait: bool, chunked: bool) ->
                 pid.unwrap_or_default()
             )));
         }
-        if !lock_stream(stream.id, false)? {
+        if !locks::stream(stream.id, false)? {
             if wait {
                 pause_briefly()?;
                 continue;
@@ -117,7 +93,7 @@ pub fn begin(stream_name: &str, run_type: RunType, wait: bool, chunked: bool) ->
             return Err(MeterError::Busy(format!(
                 "stream \"{}\" is being run by another transaction (backend pid {}) that has not committed yet",
                 stream.name,
-                lock_holder(stream.id)?.map_or("unknown".to_string(), |p| p.to_string())
+                locks::stream_holder(stream.id)?.map_or("unknown".to_string(), |p| p.to_string())
             )));
         }
         match sessions::create(&stream, run_type, chunked, clock_now())? {
@@ -148,7 +124,7 @@ pub fn step(id: i64) -> Result<Step> {
     if session.run_type == RunType::Debug {
         return debug(&session, &stream);
     }
-    lock_stream(stream.id, true)?;
+    locks::stream(stream.id, true)?;
     let limit = gucs::chunk_size();
     match (session.status, session.phase.as_str()) {
         (Status::Initializing, _) => {
@@ -200,20 +176,13 @@ pub fn step(id: i64) -> Result<Step> {
                 return Ok(Step::More);
             }
             sessions::transition(id, Status::PushCompleted, None)?;
-            finish_push(id)?;
+            outbox::settle(id)?;
             Ok(Step::Done)
         }
         (status, phase) => Err(MeterError::WrongState(format!(
             "session {id} has nothing to do in {status} ({phase})"
         ))),
     }
-}
-
-/// After the push: CONSUME_COMPLETED waits for registered consumers; with none,
-/// the session is complete.
-fn finish_push(id: i64) -> Result<()> {
-    sessions::transition(id, Status::Completed, None)?;
-    Ok(())
 }
 
 /// Every step in the caller's transaction (`run_stream`).

@@ -1,6 +1,7 @@
 //! In-database tests (`cargo pgrx test`): each runs in a transaction that is rolled back.
 
 mod catalog;
+mod outbox;
 mod processing;
 mod runs;
 mod streams;

@@ -6,4 +6,5 @@ mod support;
 mod api;
 mod cron;
 mod install;
+mod outbox;
 mod sessions;

@@ -1,0 +1,157 @@
+//! The outbox seen from outside: the meter_flushed doorbell matches the outbox
+//! rows (a record too big for NOTIFY comes as a pointer), consumers resume after a
+//! disconnect without skipping, and CONSUME_COMPLETED waits for the last consumer.
+
+use std::time::Duration;
+
+use postgres::Client;
+use serde_json::{json, Value};
+
+use crate::support::{connect, fresh_database, Listener};
+
+/// A stream grouping by endpoint; `big` gets 500 groups (its record is > 8000 bytes).
+fn setup(db: &mut Client) {
+    db.batch_execute(
+        r#"SELECT meter.create_meter_type('calls', 'sum', '@daily');
+           SELECT meter.create_stream('s', '[{"name": "all", "meter_type": "calls", "group_by": ["endpoint"]}]',
+                                      auto_create_meters => true);
+           INSERT INTO meter.usage (stream, record)
+           SELECT 's', jsonb_build_object('userId', 'big', 'value', 1, 'endpoint', '/api/v1/resource/' || i)
+             FROM generate_series(1, 500) i;
+           INSERT INTO meter.usage (stream, record)
+           SELECT 's', jsonb_build_object('userId', 'user-' || i, 'value', i, 'endpoint', '/x')
+             FROM generate_series(1, 20) i;
+           SELECT meter.run_stream('s');"#,
+    )
+    .unwrap();
+}
+
+/// Ends every meter's period, so the next run flushes them all.
+fn expire_all(db: &mut Client) {
+    db.batch_execute(
+        "UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day'",
+    )
+    .unwrap();
+}
+
+#[test]
+fn doorbell_payloads_equal_the_outbox_rows() {
+    let mut db = fresh_database("it_outbox_doorbell");
+    setup(&mut db);
+    expire_all(&mut db);
+    let mut listener = Listener::new("it_outbox_doorbell", &["meter_flushed"]);
+    db.query_one("SELECT meter.run_stream('s')", &[]).unwrap();
+    let payloads = listener.until(|p| p.len() == 21, Duration::from_secs(20));
+    assert_eq!(payloads.len(), 21);
+    let outbox: Vec<(i64, i64, Value)> = db
+        .query("SELECT id, meter_id, record FROM meter.flushed ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(outbox.len(), 21);
+    for ((_, payload), (flush_id, meter_id, record)) in payloads.iter().zip(&outbox) {
+        if record.to_string().len() >= 8000 {
+            assert_eq!(
+                payload,
+                &json!({"flushId": flush_id, "meterId": meter_id, "truncated": true})
+            );
+            assert_eq!(
+                record["groups"].as_array().unwrap().len(),
+                500,
+                "the outbox holds it whole"
+            );
+        } else {
+            let mut expected = record.clone();
+            expected["flushId"] = json!(flush_id);
+            assert_eq!(payload, &expected);
+        }
+    }
+    assert!(payloads.iter().any(|(_, p)| p["truncated"] == json!(true)));
+}
+
+#[test]
+fn a_consumer_resumes_after_its_last_ack_and_skips_nothing() {
+    let mut db = fresh_database("it_outbox_consumer");
+    setup(&mut db);
+    db.batch_execute("SELECT meter.register_consumer('billing', 's')")
+        .unwrap();
+    expire_all(&mut db);
+    db.query_one("SELECT meter.run_stream('s')", &[]).unwrap();
+    let all: Vec<i64> = db
+        .query("SELECT id FROM meter.flushed ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(all.len(), 21);
+
+    // First connection: reads 8, processes and acks 5, then goes away.
+    let mut first = connect("it_outbox_consumer");
+    let read: Vec<i64> = first
+        .query("SELECT flush_id FROM meter.read_flushed('billing', 8)", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(read, all[..8]);
+    first
+        .query_one("SELECT meter.ack_flushed('billing', $1)", &[&read[4]])
+        .unwrap();
+    drop(first);
+
+    // Second connection: gets everything after the last ack, in order, then acks it all.
+    let mut second = connect("it_outbox_consumer");
+    let mut seen = Vec::new();
+    loop {
+        let batch: Vec<i64> = second
+            .query("SELECT flush_id FROM meter.read_flushed('billing', 4)", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let Some(last) = batch.last() else { break };
+        second
+            .query_one("SELECT meter.ack_flushed('billing', $1)", &[last])
+            .unwrap();
+        seen.extend(batch);
+    }
+    assert_eq!(seen, all[5..]);
+}
+
+#[test]
+fn consume_completed_arrives_when_the_second_consumer_acks() {
+    let mut db = fresh_database("it_outbox_consumed");
+    setup(&mut db);
+    db.batch_execute(
+        "SELECT meter.register_consumer('billing', 's');
+         SELECT meter.register_consumer('warehouse', 's');",
+    )
+    .unwrap();
+    expire_all(&mut db);
+    let mut listener = Listener::new("it_outbox_consumed", &["meter_session_status"]);
+    let session: i64 = db
+        .query_one("SELECT id FROM meter.run_stream('s')", &[])
+        .unwrap()
+        .get(0);
+    let events = listener.until(|e| e.len() == 4, Duration::from_secs(10));
+    assert_eq!(events.last().unwrap().1["sessionStatus"], "PUSH_COMPLETED");
+    let last: i64 = db
+        .query_one("SELECT max(id) FROM meter.flushed WHERE session_id = $1", &[&session])
+        .unwrap()
+        .get(0);
+    db.query_one("SELECT meter.ack_flushed('billing', $1)", &[&last])
+        .unwrap();
+    assert!(
+        listener.until(|_| false, Duration::from_millis(500)).is_empty(),
+        "one consumer is not enough"
+    );
+    db.query_one("SELECT meter.ack_flushed('warehouse', $1)", &[&last])
+        .unwrap();
+    let events = listener.until(|e| e.len() == 2, Duration::from_secs(10));
+    let statuses: Vec<&str> = events
+        .iter()
+        .map(|(_, p)| p["sessionStatus"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["CONSUME_COMPLETED", "COMPLETED"]);
+}
