@@ -30,18 +30,22 @@ start)
     fi
     if [ ! -f "$data/PG_VERSION" ]; then
         as_postgres "$PGBIN/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
-        as_postgres tee -a "$data/postgresql.conf" >/dev/null <<CONF
-
-# ---- meter_ext development cluster ----
+    fi
+    # Settings live in their own file, rewritten at every start (the data
+    # directory may predate a change here).
+    grep -qs "^include_if_exists = 'meter_ext_dev.conf'" "$data/postgresql.conf" ||
+        echo "include_if_exists = 'meter_ext_dev.conf'" | as_postgres tee -a "$data/postgresql.conf" >/dev/null
+    as_postgres tee "$data/meter_ext_dev.conf" >/dev/null <<CONF
+# meter_ext development cluster (written by scripts/cluster.sh at every start)
 port = $port
 listen_addresses = 'localhost'
 unix_socket_directories = '$dir'
 shared_preload_libraries = 'meter_ext, pg_cron'
 cron.database_name = '$database'
+meter_ext.database = '$database'
 max_worker_processes = 16
 log_min_messages = warning
 CONF
-    fi
     if running; then
         as_postgres "$PGBIN/pg_ctl" -D "$data" -l "$dir/postgres.log" -w -m fast restart >/dev/null
     else

@@ -37,7 +37,11 @@ GRANT EXECUTE ON FUNCTION
     meter.resume,
     meter.cancel,
     meter.read_flushed,
-    meter.ack_flushed
+    meter.ack_flushed,
+    meter.stop,
+    meter.scan_once,
+    meter._scan_stream,
+    meter._fold_session_counters
 TO meter_writer;
 GRANT EXECUTE ON PROCEDURE meter.execute_stream TO meter_writer;
 

@@ -102,24 +102,45 @@ SELECT st.id AS stream_id,
   LEFT JOIN LATERAL (
        SELECT s.* FROM meter.sessions s WHERE s.stream_id = st.id ORDER BY s.id DESC LIMIT 1) last ON true;
 
+-- Counts of realtime sessions, by backend slot: concurrent ingests add to their
+-- own row instead of queueing on the session's. meter.scan_once() folds them into
+-- meter.sessions; meter.session_progress adds what is not folded yet.
+CREATE TABLE meter.session_counters (
+    session_id        bigint NOT NULL REFERENCES meter.sessions (id) ON DELETE CASCADE,
+    slot              integer NOT NULL,
+    records_processed bigint NOT NULL DEFAULT 0,
+    records_metered   bigint NOT NULL DEFAULT 0,
+    records_duplicate bigint NOT NULL DEFAULT 0,
+    records_rejected  bigint NOT NULL DEFAULT 0,
+    meters_flushed    bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (session_id, slot)
+);
+
 -- How far each session got: records done, still pending (for a working run), percent.
+-- Realtime sessions' counts include what meter.scan_once() has not folded in yet.
 CREATE VIEW meter.session_progress AS
 SELECT s.id AS session_id,
        st.name AS stream,
        s.run_type,
        s.status,
-       s.records_processed AS done,
+       s.records_processed + c.processed AS done,
        p.pending,
-       CASE WHEN s.records_processed + p.pending = 0 THEN 100.0
-            ELSE round(100.0 * s.records_processed / (s.records_processed + p.pending), 1) END AS percent,
-       s.records_metered AS metered,
-       s.records_duplicate AS duplicates,
-       s.records_rejected AS rejected,
-       s.meters_flushed AS flushed,
+       CASE WHEN s.records_processed + c.processed + p.pending = 0 THEN 100.0
+            ELSE round(100.0 * (s.records_processed + c.processed)
+                       / (s.records_processed + c.processed + p.pending), 1) END AS percent,
+       s.records_metered + c.metered AS metered,
+       s.records_duplicate + c.duplicates AS duplicates,
+       s.records_rejected + c.rejected AS rejected,
+       s.meters_flushed + c.flushed AS flushed,
        s.started_at,
        coalesce(s.ended_at, clock_timestamp()) - s.started_at AS elapsed
   FROM meter.sessions s
   JOIN meter.streams st ON st.id = s.stream_id
+  CROSS JOIN LATERAL (
+       SELECT coalesce(sum(k.records_processed), 0) AS processed, coalesce(sum(k.records_metered), 0) AS metered,
+              coalesce(sum(k.records_duplicate), 0) AS duplicates, coalesce(sum(k.records_rejected), 0) AS rejected,
+              coalesce(sum(k.meters_flushed), 0) AS flushed
+         FROM meter.session_counters k WHERE k.session_id = s.id) c
   CROSS JOIN LATERAL (
        SELECT CASE WHEN s.status IN ('INITIALIZING', 'RUNNING', 'PAUSED', 'TESTING')
                    THEN (SELECT count(*) FROM meter.usage u WHERE u.stream = st.name) ELSE 0 END AS pending) p;

@@ -7,12 +7,13 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{AnyNumeric, JsonB};
 
-use crate::catalog::{self, MeterTypeSpec, StreamSpec};
+use crate::catalog::{self, MeterTypeSpec, StreamMode, StreamSpec};
 use crate::convert::{to_timestamp, to_timestamptz, transaction_now};
 use crate::errors::{MeterError, SqlResult};
 use crate::inbox;
 use crate::outbox;
 use crate::processor::{Input, Mode, Outcome, Processor};
+use crate::realtime;
 use crate::retention;
 use crate::run;
 use crate::schedule::{parse_timezone, Schedule};
@@ -347,11 +348,50 @@ fn pause(stream: &str) -> SqlResult<i64> {
     Ok(run::pause(stream)?)
 }
 
-/// Resumes the stream's paused session; returns the session id.
+/// Resumes the stream's paused session; returns the session id. A realtime
+/// stream meters what waited while it was paused.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn resume(stream: &str) -> SqlResult<i64> {
-    Ok(run::resume(stream)?)
+    let loaded = catalog::load_stream(stream)?;
+    Ok(match loaded.mode {
+        StreamMode::Realtime => realtime::resume(&loaded)?,
+        StreamMode::Batch => run::resume(stream)?,
+    })
+}
+
+/// Completes a realtime stream's session; its next ingest starts a new one.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn stop(stream: &str) -> SqlResult<i64> {
+    let loaded = catalog::load_stream(stream)?;
+    if loaded.mode == StreamMode::Batch {
+        return Err(MeterError::WrongState(format!(
+            "stream \"{stream}\" is a batch stream: its runs end by themselves (cancel one with meter.cancel)"
+        ))
+        .into());
+    }
+    Ok(realtime::stop(&loaded)?)
+}
+
+/// One scan of one realtime stream: (records flushed, records metered).
+/// meter.scan_once() (sql/realtime.sql) calls it for every realtime stream.
+#[pg_extern(name = "_scan_stream", security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn scan_stream(
+    stream_id: i64,
+) -> Result<TableIterator<'static, (name!(flushed, i64), name!(metered, i64))>, ErrorReport> {
+    let name = sql::one::<String>("SELECT name FROM meter.streams WHERE id = $1", &[stream_id.into()])?
+        .ok_or_else(|| MeterError::NotFound(format!("stream {stream_id} does not exist")))?;
+    let scanned = realtime::scan(&catalog::load_stream(&name)?)?;
+    Ok(TableIterator::once((scanned.flushed, scanned.metered)))
+}
+
+/// Folds realtime sessions' per-backend counters into meter.sessions.
+#[pg_extern(name = "_fold_session_counters", security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn fold_session_counters() -> SqlResult<()> {
+    Ok(sessions::fold_counters()?)
 }
 
 /// Cancels a session; its run stops at the next chunk.

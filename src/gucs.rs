@@ -12,7 +12,40 @@ pub static DEDUPE_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(35 * 24 * 
 /// Records per chunk of a run (and per commit of `CALL meter.execute_stream`).
 pub static CHUNK_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
+/// The database the background worker scans (it connects to one).
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Seconds between the worker's scans of realtime streams.
+pub static SCAN_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// Whether the background worker scans at all.
+pub static WORKER_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"meter_ext.database",
+        c"The database whose realtime streams the background worker scans.",
+        c"The worker connects to this database; after a change and a reload it restarts and connects anew.",
+        &DATABASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"meter_ext.scan_interval",
+        c"Time between the background worker's scans of realtime streams for meters whose period ended.",
+        c"Accepts units: '60s', '1min'. Reloadable.",
+        &SCAN_INTERVAL,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"meter_ext.worker_enabled",
+        c"Whether the background worker scans realtime streams.",
+        c"Off: the worker stays idle (meter.scan_once() still works, from pg_cron for example). Reloadable.",
+        &WORKER_ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"meter_ext.future_tolerance",
         c"How far in the future a usage record's timestamp may be before it is rejected.",
@@ -59,4 +92,15 @@ pub fn dedupe_retention() -> SignedDuration {
 
 pub fn chunk_size() -> i64 {
     CHUNK_SIZE.get() as i64
+}
+
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".into())
+}
+
+pub fn scan_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(SCAN_INTERVAL.get().max(1) as u64)
 }

@@ -9,9 +9,8 @@ use serde_json::Value;
 use crate::catalog::{Stream, StreamMode};
 use crate::convert::{to_timestamptz, transaction_now};
 use crate::errors::{MeterError, Result};
-use crate::flush::{self, Scope};
 use crate::gucs;
-use crate::processor::{insert_rejected, Counts, Input, Mode, Outcome, Processor};
+use crate::processor::{insert_rejected, Input, Outcome};
 use crate::record::{extract, Clock};
 use crate::sql;
 
@@ -41,40 +40,12 @@ pub fn records_of(records: Value) -> Result<Vec<Value>> {
     }
 }
 
-/// `meter.ingest`: a realtime stream meters the records now; a batch stream checks
-/// what it can without rules and queues the rest in the inbox for its next run.
+/// `meter.ingest`: a realtime stream meters the records now (see `realtime`); a
+/// batch stream checks what it can without rules and queues the rest in the inbox
+/// for its next run.
 pub fn ingest(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
     match stream.mode {
-        StreamMode::Realtime => {
-            let now = transaction_now();
-            let inputs: Vec<Input> = records
-                .into_iter()
-                .map(|record| Input { usage_id: None, record })
-                .collect();
-            // Usage lands in the current period: first flush the users' meters whose
-            // period ended since the last scan.
-            let users: Vec<String> = inputs
-                .iter()
-                .filter_map(|i| stream.fields.user_id.get(&i.record))
-                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
-                .collect();
-            flush::flush(
-                stream.id,
-                None,
-                Scope::Due {
-                    as_of: now,
-                    users: Some(&users),
-                },
-                i64::MAX,
-            )?;
-            let mut processor = Processor::new(stream, Mode::Apply, None, now)?;
-            let counts = Counts::of(&processor.process(&inputs)?);
-            Ok(Ingested {
-                accepted: counts.metered,
-                duplicates: counts.duplicates,
-                rejected: counts.rejected,
-            })
-        }
+        StreamMode::Realtime => crate::realtime::ingest(stream, records),
         StreamMode::Batch => queue(stream, records),
     }
 }
@@ -83,7 +54,7 @@ pub fn ingest(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
 /// object, no user id, bad timestamp…) are rejected now; records whose id was
 /// already metered are reported as duplicates, and queued anyway so that the run
 /// counts them in its session.
-fn queue(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
+pub fn queue(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
     let clock = Clock {
         now: transaction_now(),
         future_tolerance: gucs::future_tolerance(),
@@ -176,6 +147,14 @@ fn read_chunk(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<Vec<Inp
     })?;
     inputs.sort_by_key(|i| i.usage_id);
     Ok(inputs)
+}
+
+pub fn has_pending(stream: &str) -> Result<bool> {
+    Ok(sql::one::<bool>(
+        "SELECT EXISTS (SELECT FROM meter.usage WHERE stream = $1)",
+        &[stream.into()],
+    )?
+    .unwrap_or(false))
 }
 
 /// Sends rejected records (as they are now: fix them first with UPDATE) back to

@@ -23,10 +23,12 @@ mod inbox;
 mod locks;
 mod outbox;
 mod processor;
+mod realtime;
 mod retention;
 mod run;
 mod sessions;
 mod sql;
+mod worker;
 
 // Hand-written DDL, in dependency order; grants last.
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
@@ -39,6 +41,11 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/consumers.sql", name = "consumers", requires = ["sessions"]);
 extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["usage"]);
+extension_sql_file!(
+    "../sql/realtime.sql",
+    name = "realtime",
+    requires = ["sessions", api::scan_stream, api::fold_session_counters]
+);
 extension_sql_file!(
     "../sql/runs.sql",
     name = "runs",
@@ -58,6 +65,8 @@ mod pg_tests;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    // Only when preloaded (shared_preload_libraries): the periodic scan.
+    worker::register();
 }
 
 /// Required by `cargo pgrx test`.

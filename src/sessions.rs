@@ -169,6 +169,52 @@ pub fn count(id: i64, counts: Counts, flushed: i64) -> Result<()> {
     Ok(())
 }
 
+/// Adds a realtime ingest's counts to this backend's counter row of the session,
+/// so that concurrent ingests do not queue on the session's row.
+pub fn count_concurrently(id: i64, counts: Counts, flushed: i64) -> Result<()> {
+    if counts.total() == 0 && flushed == 0 {
+        return Ok(());
+    }
+    sql::execute(
+        "INSERT INTO meter.session_counters AS c
+                (session_id, slot, records_processed, records_metered, records_duplicate, records_rejected, meters_flushed)
+         VALUES ($1, pg_catalog.pg_backend_pid() % 64, $2, $3, $4, $5, $6)
+         ON CONFLICT (session_id, slot) DO UPDATE
+            SET records_processed = c.records_processed + EXCLUDED.records_processed,
+                records_metered = c.records_metered + EXCLUDED.records_metered,
+                records_duplicate = c.records_duplicate + EXCLUDED.records_duplicate,
+                records_rejected = c.records_rejected + EXCLUDED.records_rejected,
+                meters_flushed = c.meters_flushed + EXCLUDED.meters_flushed",
+        &[
+            id.into(),
+            counts.total().into(),
+            counts.metered.into(),
+            counts.duplicates.into(),
+            counts.rejected.into(),
+            flushed.into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Moves the realtime counters into their sessions' rows.
+pub fn fold_counters() -> Result<()> {
+    sql::execute(
+        "WITH taken AS (DELETE FROM meter.session_counters RETURNING *),
+              summed AS (
+                  SELECT session_id, sum(records_processed) AS p, sum(records_metered) AS m,
+                         sum(records_duplicate) AS d, sum(records_rejected) AS r, sum(meters_flushed) AS f
+                    FROM taken GROUP BY session_id)
+         UPDATE meter.sessions s
+            SET records_processed = s.records_processed + x.p, records_metered = s.records_metered + x.m,
+                records_duplicate = s.records_duplicate + x.d, records_rejected = s.records_rejected + x.r,
+                meters_flushed = s.meters_flushed + x.f, updated_at = clock_timestamp()
+           FROM summed x WHERE s.id = x.session_id",
+        &[],
+    )?;
+    Ok(())
+}
+
 pub fn set_phase(id: i64, phase: &str) -> Result<()> {
     sql::execute(
         "UPDATE meter.sessions SET phase = $2 WHERE id = $1",

@@ -3,6 +3,7 @@
 mod catalog;
 mod outbox;
 mod processing;
+mod realtime;
 mod runs;
 mod streams;
 pub mod support;

@@ -4,12 +4,13 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::support::fresh_database;
+use crate::support::{fresh_database, SHARED_DATABASE_LOCK, WORKER_DATABASE};
 
 /// pg_cron runs jobs in `cron.database_name`, which the test cluster sets to meter_test.
 #[test]
 fn a_pg_cron_job_runs_execute_stream_to_completion() {
-    let mut db = fresh_database("meter_test");
+    let _serial = SHARED_DATABASE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut db = fresh_database(WORKER_DATABASE);
     db.batch_execute(
         r#"CREATE EXTENSION IF NOT EXISTS pg_cron;
            SELECT meter.create_meter_type('calls', 'sum', '@daily');

@@ -8,3 +8,4 @@ mod cron;
 mod install;
 mod outbox;
 mod sessions;
+mod worker;

@@ -3,6 +3,12 @@
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
+/// The database the cluster's pg_cron and background worker use
+/// (`cron.database_name`, `meter_ext.database`). Tests that recreate it take
+/// SHARED_DATABASE_LOCK.
+pub const WORKER_DATABASE: &str = "meter_test";
+pub static SHARED_DATABASE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub fn port() -> u16 {
     std::env::var("METER_TEST_PORT")
         .expect("METER_TEST_PORT is set by scripts/integration.sh")

@@ -1,0 +1,157 @@
+//! Realtime streams: the long session, pause and resume, stop, scans.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use crate::pg_tests::support::*;
+    use pgrx::prelude::*;
+    use serde_json::json;
+
+    fn realtime() {
+        run("SELECT meter.create_meter_type('calls', 'latest', '@daily')");
+        run(
+            r#"SELECT meter.create_stream('rt', '[{"name": "all", "meter_type": "calls"}]', mode => 'realtime',
+                                          auto_create_meters => true)"#,
+        );
+    }
+
+    fn ingest(records: serde_json::Value) -> (i64, i64, i64) {
+        let row = Spi::get_three_with_args::<i64, i64, i64>(
+            "SELECT * FROM meter.ingest('rt', $1)",
+            &[pgrx::JsonB(records).into()],
+        )
+        .unwrap();
+        (row.0.unwrap(), row.1.unwrap(), row.2.unwrap())
+    }
+
+    fn statuses() -> String {
+        sql_text("SELECT string_agg(status, ',' ORDER BY id) FROM meter.session_events").unwrap_or_default()
+    }
+
+    fn value() -> Option<String> {
+        sql_text("SELECT value::text FROM meter.meters")
+    }
+
+    #[pg_test]
+    fn the_first_ingest_starts_one_long_session() {
+        realtime();
+        assert_eq!(
+            sql_text("SELECT status FROM meter.stream_status").as_deref(),
+            Some("NEVER_RUN")
+        );
+        assert_eq!(ingest(json!({"userId": "u", "value": 1})), (1, 0, 0));
+        assert_eq!(
+            ingest(json!([{"userId": "u", "value": 2}, {"userId": "u", "value": "x"}])),
+            (1, 0, 1)
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.sessions"), 1);
+        assert_eq!(statuses(), "INITIALIZING,RUNNING");
+        let session = sql_i64("SELECT id FROM meter.sessions");
+        assert_eq!(
+            sql_i64(&format!(
+                "SELECT count(*) FROM meter.usage_audit WHERE session_id = {session}"
+            )),
+            2
+        );
+        // Counted per backend, folded by the scan; the progress view adds both.
+        assert_eq!(
+            sql_text("SELECT done || ' ' || metered || ' ' || rejected FROM meter.session_progress").as_deref(),
+            Some("3 2 1")
+        );
+        run("SELECT count(*) FROM meter.scan_once()");
+        assert_eq!(sql_i64("SELECT records_processed FROM meter.sessions"), 3);
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.session_counters"), 0);
+        assert_eq!(
+            sql_text("SELECT done::text FROM meter.session_progress").as_deref(),
+            Some("3")
+        );
+    }
+
+    #[pg_test]
+    fn paused_records_wait_and_are_metered_in_order_on_resume() {
+        realtime();
+        ingest(json!({"userId": "u", "value": 1, "timestamp": "2026-01-01T00:00:00Z"}));
+        run("SELECT meter.pause('rt')");
+        // Same timestamps: `latest` keeps the one processed last, so order shows.
+        assert_eq!(
+            ingest(
+                json!([{"userId": "u", "value": 7, "timestamp": "2026-01-01T00:00:09Z"}, {"userId": "u", "value": 8, "timestamp": "2026-01-01T00:00:09Z"}])
+            ),
+            (2, 0, 0)
+        );
+        assert_eq!(value().as_deref(), Some("1"), "nothing metered while paused");
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage"), 2);
+        run("SELECT meter.resume('rt')");
+        assert_eq!(value().as_deref(), Some("8"));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage"), 0);
+        assert_eq!(statuses(), "INITIALIZING,RUNNING,PAUSED,RUNNING");
+        assert_eq!(
+            error_message("SELECT meter.resume('rt')"),
+            format!("session {} cannot go from RUNNING to RUNNING (a NORMAL session in RUNNING can go to PAUSED, COMPLETED, FAILED, CANCELED)", sql_i64("SELECT id FROM meter.sessions"))
+        );
+    }
+
+    #[pg_test]
+    fn stop_completes_the_session_and_the_next_ingest_starts_another() {
+        realtime();
+        ingest(json!({"userId": "u", "value": 1}));
+        run("SELECT meter.stop('rt')");
+        assert_eq!(
+            sql_text("SELECT status FROM meter.stream_status").as_deref(),
+            Some("COMPLETED")
+        );
+        assert_eq!(
+            error_message("SELECT meter.stop('rt')"),
+            "stream \"rt\" has no running session to stop"
+        );
+        ingest(json!({"userId": "u", "value": 2}));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.sessions"), 2);
+        assert_eq!(value().as_deref(), Some("2"));
+        run("SELECT meter.create_stream('batch')");
+        assert_eq!(
+            error_message("SELECT meter.stop('batch')"),
+            "stream \"batch\" is a batch stream: its runs end by themselves (cancel one with meter.cancel)"
+        );
+    }
+
+    #[pg_test]
+    fn scan_once_flushes_expired_realtime_meters_and_leaves_batch_streams_alone() {
+        realtime();
+        ingest(json!({"userId": "u", "value": 4}));
+        run("SELECT meter.create_stream('batch', '[{\"name\": \"all\", \"meter_type\": \"calls\"}]', auto_create_meters => true)");
+        run("SELECT meter.create_meter('batch', 'calls', 'b')");
+        run("UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day'");
+        let scanned = rows("SELECT stream, flushed, metered, error FROM meter.scan_once()");
+        assert_eq!(
+            scanned,
+            json!([{"stream": "rt", "flushed": 1, "metered": 0, "error": null}])
+        );
+        assert_eq!(
+            sql_text("SELECT string_agg(user_id, ',') FROM meter.flushed").as_deref(),
+            Some("u")
+        );
+        // A second scan finds nothing due.
+        assert_eq!(rows("SELECT flushed FROM meter.scan_once()"), json!([{"flushed": 0}]));
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.flushed WHERE session_id IS NOT NULL"),
+            1
+        );
+    }
+
+    #[pg_test]
+    fn a_scan_does_not_start_a_session_for_an_idle_stream() {
+        realtime();
+        run("SELECT count(*) FROM meter.scan_once()");
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.sessions"), 0);
+    }
+
+    #[pg_test]
+    fn a_scan_meters_what_waits_for_a_running_stream() {
+        realtime();
+        ingest(json!({"userId": "u", "value": 1}));
+        run("INSERT INTO meter.usage (stream, record) VALUES ('rt', '{\"userId\": \"u\", \"value\": 5}')");
+        assert_eq!(rows("SELECT metered FROM meter.scan_once()"), json!([{"metered": 1}]));
+        assert_eq!(value().as_deref(), Some("5"));
+    }
+}
