@@ -3,6 +3,7 @@
 #   make run    build, install, start a local cluster with a demo, print how to connect
 #   make test   every test layer: unit and property tests, #[pg_test]s, integration tests
 #   make stop   stop the local cluster
+#   make bench  the benchmark against plain-SQL baselines (BENCHMARKS.md)
 #
 # Both `run` and `test` install what they need (apt packages, cargo-pgrx) when missing.
 
@@ -13,13 +14,15 @@ RUN_DB      := meter_demo
 PSQL_RUN    := psql -h localhost -p $(RUN_PORT) -U postgres
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run stop test setup install unit-test pg-test integration-test clean
+.PHONY: run stop test setup install unit-test pg-test integration-test bench bench-check clean
 
 setup:
 	@scripts/setup.sh
 
+# The current version, plus the first release and the upgrade scripts from it.
 install: setup
 	cargo pgrx install --release --pg-config $(PG_CONFIG)
+	install -m 644 sql/upgrades/*.sql $$($(PG_CONFIG) --sharedir)/extension/
 
 run: install
 	@scripts/cluster.sh start $(RUN_DIR) $(RUN_PORT) $(RUN_DB)
@@ -33,16 +36,17 @@ run: install
 stop:
 	@scripts/cluster.sh stop $(RUN_DIR)
 
-test: setup unit-test pg-test integration-test
+test: setup unit-test pg-test integration-test bench-check
 
 # Pure-Rust domain logic with its property tests (no Postgres needed).
 unit-test:
 	cargo test --lib --features pg15 -- --skip pg_tests
 
-# #[pg_test]s, each inside a rolled-back transaction of a temporary cluster.
+# #[pg_test]s, each inside a rolled-back transaction of a temporary cluster. One at
+# a time: tests create streams (DDL) in transactions held open to the end.
 pg-test:
 	@dir=$$(mktemp -d /tmp/meter_ext_pgtest.XXXXXX) && chown postgres: $$dir && \
-	  cargo pgrx test pg15 pg_tests --runas postgres --pgdata $$dir/pgdata; status=$$?; \
+	  RUST_TEST_THREADS=1 cargo pgrx test pg15 pg_tests --runas postgres --pgdata $$dir/pgdata; status=$$?; \
 	  sudo -u postgres /usr/lib/postgresql/15/bin/pg_ctl -D $$dir/pgdata -m immediate stop >/dev/null 2>&1; \
 	  rm -rf $$dir; exit $$status
 
@@ -50,6 +54,15 @@ pg-test:
 # the background worker, pg_cron, crashes and concurrency.
 integration-test: install
 	@scripts/integration.sh
+
+# The benchmark (SPEC §11): every workload against a plain-SQL baseline in one run.
+bench: install
+	@mkdir -p .bench
+	RESULTS=.bench/results.md bench/bench.sh
+
+# The benchmark at 20 000 records, asserting the same meters as the baseline.
+bench-check: install
+	bench/bench.sh --check
 
 clean: stop
 	cargo clean

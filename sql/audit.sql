@@ -8,11 +8,11 @@ BEGIN ATOMIC
     SELECT CASE m.aggregation
                WHEN 'sum' THEN coalesce(sum(a.value), 0)
                WHEN 'unique_count' THEN coalesce(sum(a.value), 0)
-               WHEN 'increment' THEN count(a.id)
+               WHEN 'increment' THEN count(a.value)
                WHEN 'min' THEN min(a.value)
                WHEN 'max' THEN max(a.value)
                -- The record with the greatest timestamp; ties go to the one processed later.
-               WHEN 'latest' THEN (pg_catalog.array_agg(a.value ORDER BY a.record_at DESC, a.id DESC))[1]
+               WHEN 'latest' THEN (pg_catalog.array_agg(a.value ORDER BY a.record_at DESC, a.batch_id DESC, a.position DESC))[1]
            END
       FROM meter.meters m
       LEFT JOIN meter.usage_audit a ON a.meter_id = m.id AND a.period_start = m.period_start
@@ -33,4 +33,15 @@ BEGIN ATOMIC
       JOIN meter.streams st ON st.id = m.stream_id
      WHERE verify_meters.stream IS NULL OR st.name = verify_meters.stream
      ORDER BY m.id;
+END;
+
+-- Where a record went: its audit row(s), found through the id it was deduplicated by.
+CREATE FUNCTION meter.audit_of(stream text, record_id text) RETURNS SETOF meter.usage_audit
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT a.*
+      FROM meter.streams s
+      JOIN meter.dedupe_keys k ON k.stream_id = s.id AND k.record_id = audit_of.record_id
+      JOIN meter.usage_audit a ON a.meter_id = k.meter_id AND a.stream_id = s.id AND a.record_id = audit_of.record_id
+     WHERE s.name = audit_of.stream;
 END;

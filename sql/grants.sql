@@ -1,6 +1,23 @@
 -- Privileges (SPEC §10): nothing to PUBLIC; readers select, writers ingest and run,
 -- admins configure. Writing functions are SECURITY DEFINER with a pinned search_path.
 
+-- The data in these tables is the user's: pg_dump dumps it (and each stream's
+-- inbox partition, created after the extension, is dumped as a table of its own).
+DO $dump$
+DECLARE
+    relation text;
+BEGIN
+    -- One statement per table: each call updates the extension's catalog row.
+    FOR relation IN
+        SELECT c.relname FROM pg_catalog.pg_class c
+         WHERE c.relnamespace = 'meter'::regnamespace AND c.relkind IN ('r', 'p', 'S')
+         ORDER BY c.relname
+    LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(pg_catalog.format('meter.%I', relation)::regclass, '');
+    END LOOP;
+END
+$dump$;
+
 REVOKE ALL ON ALL TABLES IN SCHEMA meter FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA meter FROM PUBLIC;
 REVOKE EXECUTE ON ALL ROUTINES IN SCHEMA meter FROM PUBLIC;
@@ -16,7 +33,9 @@ GRANT EXECUTE ON FUNCTION
     meter.next_period_end(text, text, timestamptz),
     meter.session_event_payload(meter.sessions, meter.streams, text),
     meter.audited_value(bigint),
-    meter.verify_meters(text)
+    meter.verify_meters(text),
+    meter.audit_of(text, text),
+    meter.usage_report(text, timestamptz, timestamptz)
 TO meter_reader;
 
 -- Writers: send usage (by function, or plain INSERT / COPY into meter.usage),

@@ -18,6 +18,7 @@ CREATE TABLE meter.sessions (
     backend_pid        integer,
     backend_start      timestamptz,
     chunked            boolean NOT NULL DEFAULT false,   -- CALL execute_stream (commits per chunk)
+    inbox_position     bigint NOT NULL DEFAULT 0,        -- the last inbox id the run took
     records_processed  bigint NOT NULL DEFAULT 0,
     records_metered    bigint NOT NULL DEFAULT 0,
     records_duplicate  bigint NOT NULL DEFAULT 0,

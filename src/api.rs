@@ -8,9 +8,10 @@ use pgrx::prelude::*;
 use pgrx::{AnyNumeric, JsonB};
 
 use crate::catalog::{self, MeterTypeSpec, StreamMode, StreamSpec};
-use crate::convert::{to_timestamp, to_timestamptz, transaction_now};
+use crate::convert::{self, to_timestamp, to_timestamptz, transaction_now};
 use crate::errors::{MeterError, SqlResult};
 use crate::inbox;
+use crate::jsonb::RawJsonb;
 use crate::outbox;
 use crate::processor::{Input, Mode, Outcome, Processor};
 use crate::realtime;
@@ -159,10 +160,12 @@ fn drop_stream(name: &str, cascade: default!(bool, "false")) -> SqlResult<()> {
 #[search_path(pg_catalog, pg_temp)]
 fn ingest(
     stream: &str,
-    records: JsonB,
+    records: RawJsonb,
 ) -> Result<TableIterator<'static, (name!(accepted, i64), name!(duplicates, i64), name!(rejected, i64))>, ErrorReport> {
     let stream = catalog::load_stream(stream)?;
-    let result = inbox::ingest(&stream, inbox::records_of(records.0)?)?;
+    // SAFETY: the argument datum lives for the whole call.
+    let batch = unsafe { inbox::Batch::new(records.0) }?;
+    let result = inbox::ingest(&stream, &batch)?;
     Ok(TableIterator::once((
         result.accepted,
         result.duplicates,
@@ -175,7 +178,7 @@ fn ingest(
 #[search_path(pg_catalog, pg_temp)]
 fn preview(
     stream: &str,
-    records: JsonB,
+    records: RawJsonb,
 ) -> Result<
     TableIterator<
         'static,
@@ -194,9 +197,11 @@ fn preview(
     ErrorReport,
 > {
     let stream = catalog::load_stream(stream)?;
-    let inputs: Vec<Input> = inbox::records_of(records.0)?
+    // SAFETY: the argument datum lives for the whole call.
+    let inputs: Vec<Input> = unsafe { inbox::Batch::new(records.0) }?
+        .values()
         .into_iter()
-        .map(|record| Input { usage_id: None, record })
+        .map(Input::new)
         .collect();
     let mut processor = Processor::new(&stream, Mode::Simulate, None, transaction_now())?;
     let outcomes = processor.process(&inputs)?;
@@ -324,14 +329,14 @@ fn run_begin(stream: &str, run_type_name: &str, wait: bool, chunked: bool) -> Sq
 #[pg_extern(name = "_run_step", security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn run_step(session_id: i64) -> SqlResult<&'static str> {
-    Ok(run::step(session_id)?.name())
+    Ok(sql::with_fresh_plans(|| run::step(session_id))?.name())
 }
 
 /// Takes every remaining step of the session in this transaction.
 #[pg_extern(name = "_run_to_end", security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn run_to_end(session_id: i64) -> SqlResult<()> {
-    Ok(run::to_end(session_id)?)
+    Ok(sql::with_fresh_plans(|| run::to_end(session_id))?)
 }
 
 /// Marks the session FAILED with the error that stopped it.
@@ -383,7 +388,7 @@ fn scan_stream(
 ) -> Result<TableIterator<'static, (name!(flushed, i64), name!(metered, i64))>, ErrorReport> {
     let name = sql::one::<String>("SELECT name FROM meter.streams WHERE id = $1", &[stream_id.into()])?
         .ok_or_else(|| MeterError::NotFound(format!("stream {stream_id} does not exist")))?;
-    let scanned = realtime::scan(&catalog::load_stream(&name)?)?;
+    let scanned = sql::with_fresh_plans(|| realtime::scan(&catalog::load_stream(&name)?))?;
     Ok(TableIterator::once((scanned.flushed, scanned.metered)))
 }
 
@@ -457,4 +462,11 @@ fn purge(
     batch_size: default!(i64, "10000"),
 ) -> Result<TableIterator<'static, (name!(kind, &'static str), name!(purged, i64))>, ErrorReport> {
     Ok(TableIterator::new(retention::purge(older_than, batch_size)?))
+}
+
+/// UTC ISO-8601 with milliseconds, as JavaScript's `Date.toISOString()`:
+/// `2026-11-30T23:00:00.000Z`. NULL for ±infinity.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn iso_utc(ts: TimestampWithTimeZone) -> Option<String> {
+    to_timestamp(ts).map(convert::iso_utc)
 }

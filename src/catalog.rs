@@ -123,10 +123,10 @@ pub fn alter_meter_type(
     category: Option<&str>,
 ) -> Result<i64> {
     let row = Spi::connect_mut(|client| -> Result<_> {
-        let table = client.update(
+        let table = sql::run(
+            client,
             "SELECT id, unit, aggregation, reset_schedule, timezone, active_from, active_to, category
                FROM meter.meter_types WHERE name = $1 FOR UPDATE",
-            Some(1),
             &[name.into()],
         )?;
         let Some(r) = table.into_iter().next() else {
@@ -243,13 +243,13 @@ pub fn load_meter_types_by_id(ids: &[i64]) -> Result<HashMap<i64, MeterTypeSetti
         .collect())
 }
 
-fn load_types(condition: &str, arg: pgrx::datum::DatumWithOid) -> Result<Vec<MeterTypeSettings>> {
+fn load_types(condition: &'static str, arg: pgrx::datum::DatumWithOid) -> Result<Vec<MeterTypeSettings>> {
     let query = format!(
         "SELECT id, name, aggregation, unit, reset_schedule, timezone, active_from, active_to
            FROM meter.meter_types WHERE {condition} FOR SHARE"
     );
     let rows = Spi::connect_mut(|client| -> Result<Vec<_>> {
-        let table = client.update(&query, None, &[arg])?;
+        let table = sql::run(client, &query, &[arg])?;
         let mut rows = Vec::with_capacity(table.len());
         for r in table {
             rows.push((
@@ -308,6 +308,28 @@ pub struct Stream {
     pub fields: FieldMap,
     pub auto_create_meters: bool,
     pub audit: bool,
+}
+
+impl Stream {
+    /// Every field path processing reads: the field mapping and what the rules
+    /// test, group by and carry.
+    pub fn projection(&self) -> crate::jsonb::Projection {
+        let mapped = [
+            &self.fields.user_id,
+            &self.fields.value,
+            &self.fields.timestamp,
+            &self.fields.id,
+        ];
+        let ruled = self.rules.rules.iter().flat_map(|r| {
+            r.conditions
+                .iter()
+                .map(|c| &c.field)
+                .chain(&r.group_by)
+                .chain(&r.carry_first)
+                .chain(&r.carry_last)
+        });
+        crate::jsonb::Projection::of(mapped.into_iter().chain(ruled))
+    }
 }
 
 /// Every setting of a stream, as stored (after defaults are applied).
@@ -375,9 +397,9 @@ fn parse_flush_by(text: &str) -> Result<FlushBy> {
 }
 
 fn meter_type_names() -> Result<std::collections::HashSet<String>> {
-    Spi::connect(|client| {
+    Spi::connect_mut(|client| {
         let mut names = std::collections::HashSet::new();
-        for row in client.select("SELECT name FROM meter.meter_types", None, &[])? {
+        for row in sql::run(client, "SELECT name FROM meter.meter_types", &[])? {
             names.insert(row.get::<String>(1)?.unwrap_or_default());
         }
         Ok(names)
@@ -399,7 +421,19 @@ pub fn create_stream(mut spec: StreamSpec) -> Result<i64> {
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
         &spec_args(&spec),
     )?;
-    Ok(id.expect("INSERT RETURNING yields a row"))
+    let id = id.expect("INSERT RETURNING yields a row");
+    // The stream's own inbox partition, created apart and then attached: attaching
+    // only takes a SHARE UPDATE EXCLUSIVE lock on meter.usage, so ingestion into
+    // other streams and running streams go on (CREATE TABLE ... PARTITION OF would
+    // wait for them, and make everyone else wait behind it).
+    let ddl = sql::one::<String>(
+        "SELECT pg_catalog.format('CREATE TABLE meter.%1$I (LIKE meter.usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+                                   ALTER TABLE meter.usage ATTACH PARTITION meter.%1$I FOR VALUES IN (%2$L)', $1, $2)",
+        &[inbox_partition(id).into(), spec.name.as_str().into()],
+    )?
+    .expect("format() returns text");
+    Spi::run(&ddl)?;
+    Ok(id)
 }
 
 fn spec_args(spec: &StreamSpec) -> Vec<pgrx::datum::DatumWithOid<'static>> {
@@ -437,15 +471,14 @@ pub fn alter_stream(name: &str, change: impl FnOnce(&mut StreamSpec)) -> Result<
         return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
     };
     let mut spec = Spi::connect_mut(|client| -> Result<StreamSpec> {
-        let row = client
-            .update(
-                "SELECT name, meter_key, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
+        let row = sql::run(
+            client,
+            "SELECT name, meter_key, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
                         id_field, auto_create_meters, audit
                    FROM meter.streams WHERE id = $1 FOR UPDATE",
-                Some(1),
-                &[id.into()],
-            )?
-            .first();
+            &[id.into()],
+        )?
+        .first();
         Ok(StreamSpec {
             name: row.get::<String>(1)?.unwrap(),
             meter_key: row.get::<String>(2)?.unwrap(),
@@ -488,10 +521,20 @@ pub fn drop_stream(name: &str, cascade: bool) -> Result<()> {
             "stream \"{name}\" has {meters} meter(s) and {pending} pending record(s): pass cascade => true to drop them too"
         )));
     }
-    sql::execute("DELETE FROM meter.usage WHERE stream = $1", &[name.into()])?;
+    let ddl = sql::one::<String>(
+        "SELECT pg_catalog.format('DROP TABLE IF EXISTS meter.%I', $1)",
+        &[inbox_partition(id).into()],
+    )?
+    .expect("format() returns text");
+    Spi::run(&ddl)?;
     sql::execute("DELETE FROM meter.dedupe_keys WHERE stream_id = $1", &[id.into()])?;
     sql::execute("DELETE FROM meter.streams WHERE id = $1", &[id.into()])?;
     Ok(())
+}
+
+/// The name of a stream's partition of `meter.usage`.
+fn inbox_partition(stream_id: i64) -> String {
+    format!("usage_{stream_id}")
 }
 
 pub fn stream_id(name: &str) -> Result<Option<i64>> {
@@ -501,11 +544,11 @@ pub fn stream_id(name: &str) -> Result<Option<i64>> {
 /// Loads a stream for processing, locking its row against concurrent changes.
 pub fn load_stream(name: &str) -> Result<Stream> {
     let row = Spi::connect_mut(|client| -> Result<_> {
-        let table = client.update(
+        let table = sql::run(
+            client,
             "SELECT id, name, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
                     id_field, auto_create_meters, audit
                FROM meter.streams WHERE name = $1 FOR SHARE",
-            Some(1),
             &[name.into()],
         )?;
         if table.is_empty() {
@@ -626,15 +669,15 @@ pub fn insert_meters(stream_id: i64, meters: &[NewMeter], now: Timestamp) -> Res
         ends.push(period.end.map(to_timestamptz));
     }
     Spi::connect_mut(|client| {
-        let rows = client.update(
+        let rows = sql::run(
+            client,
             "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, delete_on_reset, aggregation, unit,
                                        timezone, period_start, period_end, created_at, updated_at)
              SELECT $1, n.*, $11, $11
                FROM unnest($2::bigint[], $3::text[], $4::numeric[], $5::boolean[], $6::text[], $7::text[],
                            $8::text[], $9::timestamptz[], $10::timestamptz[]) AS n
-             ON CONFLICT (stream_id, meter_type_id, user_id) DO NOTHING
+             ON CONFLICT (stream_id, user_id, meter_type_id) DO NOTHING
              RETURNING id",
-            None,
             &[
                 stream_id.into(),
                 columns.0.into(),

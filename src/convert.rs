@@ -43,3 +43,34 @@ pub fn clock_now() -> Timestamp {
     let pg_micros = unsafe { pg_sys::GetCurrentTimestamp() };
     from_pg_micros(pg_micros).expect("the clock is a finite instant")
 }
+
+/// UTC ISO-8601 with milliseconds (`2026-11-30T23:00:00.000Z`).
+pub fn iso_utc(t: Timestamp) -> String {
+    let dt = jiff::tz::TimeZone::UTC.to_datetime(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        dt.year(),
+        dt.month(),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.subsec_nanosecond() / 1_000_000
+    )
+}
+
+/// A `timestamptz` literal PostgreSQL reads back exactly, whatever its DateStyle:
+/// `2026-11-30 23:00:00.123456+00`.
+pub fn timestamptz_literal(t: Timestamp) -> String {
+    let dt = jiff::tz::TimeZone::UTC.to_datetime(t);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
+        dt.year(),
+        dt.month(),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.subsec_nanosecond() / 1_000
+    )
+}

@@ -137,7 +137,7 @@ fn select(stream_id: i64, scope: Scope, limit: i64) -> Result<Vec<Candidate>> {
                FROM meter.meters
               WHERE stream_id = $1 AND closed_at IS NULL AND period_end <= $2
                 AND ($4::text[] IS NULL OR user_id = ANY ($4))
-              ORDER BY id LIMIT $3
+              ORDER BY period_end, id LIMIT $3   -- the meters_due index order
               FOR UPDATE SKIP LOCKED",
             vec![
                 stream_id.into(),
@@ -156,7 +156,7 @@ fn select(stream_id: i64, scope: Scope, limit: i64) -> Result<Vec<Candidate>> {
         ),
     };
     Spi::connect_mut(|client| {
-        let rows = client.update(query, None, &args)?;
+        let rows = sql::run(client, query, &args)?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             out.push(Candidate {
@@ -202,11 +202,21 @@ fn apply(session_id: Option<i64>, c: Columns) -> Result<i64> {
               WHERE p.emit
               ORDER BY m.id
              RETURNING id, meter_id, record),
+         queue AS (
+             SELECT pg_catalog.pg_notification_queue_usage() * 100 >= $9 AS is_full),
          doorbell AS (
              SELECT pg_catalog.pg_notify($8, CASE WHEN pg_catalog.octet_length(full_payload) < 8000 THEN full_payload
                     ELSE pg_catalog.jsonb_build_object('flushId', o.id, 'meterId', o.meter_id, 'truncated', true)::text END)
                FROM (SELECT o.*, (o.record || pg_catalog.jsonb_build_object('flushId', o.id))::text AS full_payload
-                       FROM outbox o ORDER BY o.id) o),
+                       FROM outbox o ORDER BY o.id) o
+              WHERE NOT (SELECT is_full FROM queue)
+             UNION ALL
+             -- Under queue pressure: one doorbell for the chunk, naming its flush ids.
+             SELECT pg_catalog.pg_notify($8, pg_catalog.jsonb_build_object(
+                        'flushIds', pg_catalog.jsonb_build_array(min(o.id), max(o.id)), 'count', count(*),
+                        'queuePressure', true)::text)
+               FROM outbox o
+             HAVING count(*) > 0 AND (SELECT is_full FROM queue)),
          deleted AS (
              DELETE FROM meter.meters m USING plan p WHERE m.id = p.id AND p.action = 'delete' RETURNING m.id),
          forgotten AS (
@@ -223,7 +233,8 @@ fn apply(session_id: Option<i64>, c: Columns) -> Result<i64> {
                FROM plan p, meter.meter_types t
               WHERE m.id = p.id AND p.action <> 'delete' AND t.id = m.meter_type_id
              RETURNING m.id)
-         SELECT (SELECT count(*) FROM doorbell) + 0 * (SELECT count(*) FROM deleted) + 0 * (SELECT count(*) FROM reset)",
+         SELECT (SELECT count(*) FROM outbox) + 0 * (SELECT count(*) FROM doorbell)
+              + 0 * (SELECT count(*) FROM deleted) + 0 * (SELECT count(*) FROM reset)",
         &[
             c.ids.into(),
             c.record_ends.into(),
@@ -233,6 +244,7 @@ fn apply(session_id: Option<i64>, c: Columns) -> Result<i64> {
             c.new_ends.into(),
             session_id.into(),
             FLUSHED_CHANNEL.into(),
+            crate::gucs::NOTIFY_QUEUE_LIMIT.get().into(),
         ],
     )?;
     Ok(records.unwrap_or(0))

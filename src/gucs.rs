@@ -11,6 +11,9 @@ pub static FUTURE_TOLERANCE: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static DEDUPE_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(35 * 24 * 3600);
 /// Records per chunk of a run (and per commit of `CALL meter.execute_stream`).
 pub static CHUNK_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// Percent of the NOTIFY queue in use at which flushes stop announcing each record
+/// and ring the `meter_flushed` doorbell once per chunk instead.
+pub static NOTIFY_QUEUE_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(50);
 
 /// The database the background worker scans (it connects to one).
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -73,6 +76,16 @@ pub fn init() {
         &CHUNK_SIZE,
         1,
         10_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"meter_ext.notify_queue_limit",
+        c"Percent of the NOTIFY queue in use at which flushes announce one summary per chunk instead of each record.",
+        c"The outbox (meter.flushed) always holds every record; a slow listener must not make commits fail on a full queue.",
+        &NOTIFY_QUEUE_LIMIT,
+        0,
+        100,
         GucContext::Userset,
         GucFlags::default(),
     );

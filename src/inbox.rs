@@ -10,7 +10,8 @@ use crate::catalog::{Stream, StreamMode};
 use crate::convert::{to_timestamptz, transaction_now};
 use crate::errors::{MeterError, Result};
 use crate::gucs;
-use crate::processor::{insert_rejected, Input, Outcome};
+use crate::jsonb::{self, Container, Node, Projection};
+use crate::processor::Input;
 use crate::record::{extract, Clock};
 use crate::sql;
 
@@ -22,65 +23,106 @@ pub struct Ingested {
     pub rejected: i64,
 }
 
-/// An object, or an array of objects (anything else inside the array is a
-/// rejected record, not an error: the caller's other records still count).
-pub fn records_of(records: Value) -> Result<Vec<Value>> {
-    match records {
-        Value::Array(items) => Ok(items),
-        Value::Object(_) => Ok(vec![records]),
-        other => Err(MeterError::InvalidParameter(format!(
-            "records must be a JSON object or an array of objects, not {}",
-            match other {
-                Value::Null => "null",
-                Value::Bool(_) => "a boolean",
-                Value::Number(_) => "a number",
-                _ => "a string",
-            }
-        ))),
+/// The `records` argument of `ingest`: one object, or an array of them, as the
+/// binary jsonb PostgreSQL parsed it. Anything but an object inside the array is a
+/// rejected record, not an error: the caller's other records still count.
+pub struct Batch {
+    /// The argument itself, for the statements that insert its elements.
+    datum: pg_sys::Datum,
+    bytes: Vec<u8>,
+}
+
+impl Batch {
+    /// # Safety
+    /// `datum` must be a valid jsonb datum that outlives the `Batch`.
+    pub unsafe fn new(datum: pg_sys::Datum) -> Result<Batch> {
+        let batch = Batch {
+            datum,
+            bytes: jsonb::datum_bytes(datum),
+        };
+        let root = batch.root();
+        if root.is_scalar() {
+            let found = match root.elements().next() {
+                Some(Node::Bool(_)) => "a boolean",
+                Some(Node::Number(_)) => "a number",
+                Some(Node::String(_)) => "a string",
+                _ => "null",
+            };
+            return Err(MeterError::InvalidParameter(format!(
+                "records must be a JSON object or an array of objects, not {found}"
+            )));
+        }
+        Ok(batch)
+    }
+
+    fn root(&self) -> Container<'_> {
+        Container::from_varlena(&self.bytes).expect("a jsonb datum has a root container")
+    }
+
+    fn elements(&self) -> Vec<Node<'_>> {
+        let root = self.root();
+        if root.is_object() {
+            vec![Node::Container(root)]
+        } else {
+            root.elements().collect()
+        }
+    }
+
+    /// Every record, whole.
+    pub fn values(&self) -> Vec<Value> {
+        self.elements().into_iter().map(jsonb::to_value).collect()
     }
 }
 
 /// `meter.ingest`: a realtime stream meters the records now (see `realtime`); a
 /// batch stream checks what it can without rules and queues the rest in the inbox
 /// for its next run.
-pub fn ingest(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
+pub fn ingest(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     match stream.mode {
-        StreamMode::Realtime => crate::realtime::ingest(stream, records),
-        StreamMode::Batch => queue(stream, records),
+        StreamMode::Realtime => crate::realtime::ingest(stream, batch),
+        StreamMode::Batch => queue(stream, batch),
     }
 }
+
+/// The elements of `$2` (the batch) with their positions, whether it is an object
+/// or an array.
+const ELEMENTS: &str =
+    "jsonb_array_elements(CASE WHEN jsonb_typeof($2) = 'object' THEN jsonb_build_array($2) ELSE $2 END)
+                        WITH ORDINALITY AS e(record, n)";
 
 /// Queues records for a batch run. Records that can never be metered (not an
 /// object, no user id, bad timestamp…) are rejected now; records whose id was
 /// already metered are reported as duplicates, and queued anyway so that the run
-/// counts them in its session.
-pub fn queue(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
+/// counts them in its session. The records go to the inbox as PostgreSQL parsed
+/// them: only the fields checked here are read.
+pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     let clock = Clock {
         now: transaction_now(),
         future_tolerance: gucs::future_tolerance(),
     };
-    let mut result = Ingested::default();
-    let mut queued: Vec<String> = Vec::with_capacity(records.len());
+    let fields = &stream.fields;
+    let checked = Projection::of([&fields.user_id, &fields.timestamp, &fields.id]);
     let mut ids_in_batch: HashSet<String> = HashSet::new();
-    let mut repeated = 0i64;
-    let mut rejected: Vec<(Value, Outcome)> = Vec::new();
-    for record in records {
-        match extract(&record, &stream.fields, &clock) {
+    let (mut queued, mut repeated) = (0i64, 0i64);
+    let (mut rejected_at, mut codes, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
+    for (index, node) in batch.elements().into_iter().enumerate() {
+        let record = match node {
+            Node::Container(c) if c.is_object() && !c.is_scalar() => checked.apply(c),
+            other => jsonb::to_value(other),
+        };
+        match extract(&record, fields, &clock) {
             Ok(extracted) => {
+                queued += 1;
                 if let Some(id) = extracted.record_id {
                     if !ids_in_batch.insert(id) {
                         repeated += 1;
                     }
                 }
-                queued.push(record.to_string());
             }
             Err(rejection) => {
-                let outcome = Outcome::Rejected {
-                    code: rejection.code(),
-                    reason: rejection.to_string(),
-                    rule: None,
-                };
-                rejected.push((record, outcome));
+                rejected_at.push(index as i64 + 1);
+                codes.push(rejection.code().to_string());
+                reasons.push(rejection.to_string());
             }
         }
     }
@@ -98,49 +140,85 @@ pub fn queue(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
         )?
         .unwrap_or(0)
     };
-    result.duplicates = repeated + already_metered;
-    result.accepted = queued.len() as i64 - result.duplicates;
-    result.rejected = rejected.len() as i64;
-    insert_rejected(&stream.name, None, rejected.iter().map(|(r, o)| (r, o)))?;
-    if !queued.is_empty() {
+    let raw = || jsonb::RawJsonb(batch.datum);
+    if !rejected_at.is_empty() {
         sql::execute(
-            "INSERT INTO meter.usage (stream, record) SELECT $1, r::jsonb FROM unnest($2::text[]) AS r",
-            &[stream.name.as_str().into(), queued.into()],
+            &format!(
+                "INSERT INTO meter.rejected (stream, record, code, reason)
+                 SELECT $1, e.record, r.code, r.reason
+                   FROM {ELEMENTS} JOIN unnest($3::bigint[], $4::text[], $5::text[]) AS r(n, code, reason) USING (n)"
+            ),
+            &[
+                stream.name.as_str().into(),
+                raw().into(),
+                rejected_at.clone().into(),
+                codes.into(),
+                reasons.into(),
+            ],
         )?;
     }
-    Ok(result)
+    if queued > 0 {
+        sql::execute(
+            &format!(
+                "INSERT INTO meter.usage (stream, record) SELECT $1, e.record FROM {ELEMENTS} WHERE e.n <> ALL ($3)"
+            ),
+            &[stream.name.as_str().into(), raw().into(), rejected_at.clone().into()],
+        )?;
+    }
+    let duplicates = repeated + already_metered;
+    Ok(Ingested {
+        accepted: queued - duplicates,
+        duplicates,
+        rejected: rejected_at.len() as i64,
+    })
 }
 
 /// Takes the next chunk of a stream's pending records out of the inbox, oldest
-/// first. The rows are deleted in the caller's transaction: if it rolls back,
-/// they are pending again.
-pub fn take_chunk(stream: &str, limit: i64) -> Result<Vec<Input>> {
+/// first, keeping only the fields `projection` names (see `jsonb`). The rows are
+/// deleted in the caller's transaction: if it rolls back, they are pending again.
+/// Only ids after `after` (the last id the caller took) are read: the index
+/// entries of rows taken earlier in the same transaction are still there, and
+/// skipping them keeps every chunk's read short. A row that commits late with a
+/// smaller id is taken by the next run.
+pub fn take_chunk(stream: &str, after: i64, limit: i64, projection: &Projection) -> Result<Vec<Input>> {
     read_chunk(
-        "DELETE FROM meter.usage
-          WHERE (stream, id) IN (SELECT stream, id FROM meter.usage WHERE stream = $1 ORDER BY id LIMIT $2)
-         RETURNING id, record::text",
-        &[stream.into(), limit.into()],
+        "WITH next AS (SELECT id FROM meter.usage WHERE stream = $1 AND id > $3 ORDER BY id LIMIT $2)
+         DELETE FROM meter.usage u WHERE u.stream = $1 AND u.id > $3 AND u.id <= (SELECT max(id) FROM next)
+         RETURNING u.id, u.record",
+        &[stream.into(), limit.into(), after.into()],
+        projection,
     )
+}
+
+/// The last inbox id of a chunk (or `after` for an empty one).
+pub fn last_id(chunk: &[Input], after: i64) -> i64 {
+    chunk.iter().filter_map(|i| i.usage_id).max().unwrap_or(after)
 }
 
 /// Reads pending records after `after_id` without taking them (DEBUG runs).
-pub fn peek_chunk(stream: &str, after_id: i64, limit: i64) -> Result<Vec<Input>> {
+pub fn peek_chunk(stream: &str, after_id: i64, limit: i64, projection: &Projection) -> Result<Vec<Input>> {
     read_chunk(
-        "SELECT id, record::text FROM meter.usage WHERE stream = $1 AND id > $3 ORDER BY id LIMIT $2",
+        "SELECT id, record FROM meter.usage WHERE stream = $1 AND id > $3 ORDER BY id LIMIT $2",
         &[stream.into(), limit.into(), after_id.into()],
+        projection,
     )
 }
 
-fn read_chunk(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<Vec<Input>> {
+fn read_chunk(query: &str, args: &[pgrx::datum::DatumWithOid], projection: &Projection) -> Result<Vec<Input>> {
     let mut inputs = Spi::connect_mut(|client| -> Result<Vec<Input>> {
-        let rows = client.update(query, None, args)?;
+        let rows = sql::run(client, query, args)?;
         let mut inputs = Vec::with_capacity(rows.len());
         for row in rows {
-            let text = row.get::<String>(2)?.unwrap_or_default();
+            let Some(datum) = row.get::<jsonb::RawJsonb>(2)? else {
+                continue;
+            };
+            // SAFETY: column 2 is a non-null jsonb.
+            let stored = unsafe { jsonb::datum_bytes(datum.0) };
+            let record = Container::from_varlena(&stored).map_or(Value::Null, |root| projection.apply(root));
             inputs.push(Input {
                 usage_id: row.get::<i64>(1)?,
-                // jsonb always prints valid JSON.
-                record: serde_json::from_str(&text).unwrap_or(Value::Null),
+                record,
+                stored: Some(stored),
             });
         }
         Ok(inputs)

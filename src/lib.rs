@@ -7,6 +7,11 @@ use pgrx::prelude::*;
 
 pgrx::pg_module_magic!(name, version);
 
+/// Rust's allocations (parsed records, meter state) use mimalloc; PostgreSQL's own
+/// memory is untouched (palloc).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod aggregate;
 pub mod record;
 pub mod rules;
@@ -20,6 +25,7 @@ mod errors;
 mod flush;
 mod gucs;
 mod inbox;
+mod jsonb;
 mod locks;
 mod outbox;
 mod processor;
@@ -32,7 +38,11 @@ mod worker;
 
 // Hand-written DDL, in dependency order; grants last.
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/meter_record.sql", name = "meter_record", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/meter_record.sql",
+    name = "meter_record",
+    requires = ["schema", api::iso_utc]
+);
 extension_sql_file!("../sql/usage.sql", name = "usage", requires = ["schema"]);
 extension_sql_file!(
     "../sql/sessions.sql",
@@ -57,6 +67,7 @@ extension_sql_file!(
         api::run_fail
     ]
 );
+extension_sql_file!("../sql/report.sql", name = "report", requires = ["sessions"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]

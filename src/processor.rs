@@ -10,7 +10,7 @@
 //! In `Mode::Simulate` (preview, DEBUG runs) it reads the same state but writes
 //! nothing; what a real run would change is kept in memory across chunks.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use bigdecimal::BigDecimal;
 use jiff::Timestamp;
@@ -40,7 +40,30 @@ pub enum Mode {
 pub struct Input {
     /// The inbox row it came from, if any.
     pub usage_id: Option<i64>,
+    /// The record, or (read from the inbox) only the fields processing reads.
     pub record: Value,
+    /// The whole record as stored (binary jsonb), when `record` is a projection.
+    pub stored: Option<Vec<u8>>,
+}
+
+impl Input {
+    pub fn new(record: Value) -> Input {
+        Input {
+            usage_id: None,
+            record,
+            stored: None,
+        }
+    }
+
+    /// The whole record, as received: what a rejection keeps.
+    pub fn whole_record(&self) -> Value {
+        match &self.stored {
+            Some(bytes) => crate::jsonb::Container::from_varlena(bytes).map_or(Value::Null, |c| {
+                crate::jsonb::to_value(crate::jsonb::Node::Container(c))
+            }),
+            None => self.record.clone(),
+        }
+    }
 }
 
 /// What happened (or, simulated, would happen) to one record.
@@ -102,6 +125,11 @@ impl Counts {
 
 type MeterKey = (i64, String); // (meter type id, user id)
 
+/// Meters a one-transaction run keeps in memory before writing them back.
+const MAX_KEPT_METERS: usize = 200_000;
+/// Audit rows a one-transaction run keeps in memory before writing them.
+const MAX_KEPT_AUDIT: usize = 200_000;
+
 /// A meter's current period in memory.
 struct Slot {
     /// Negative: a meter a simulation would create.
@@ -130,8 +158,16 @@ pub struct Processor<'s> {
     session_id: Option<i64>,
     clock: Clock,
     types: HashMap<String, MeterTypeSettings>,
-    /// Apply: this chunk's meters. Simulate: every meter seen so far, as changed.
+    /// The meters of the users seen, as changed. Apply writes them back after each
+    /// chunk, or (`keep_meters`, in a one-transaction run) at `finish`.
     meters: HashMap<MeterKey, Slot>,
+    /// Users whose meters are in `meters`.
+    loaded_users: HashSet<String>,
+    /// Keep meters (locked, changed in memory) across chunks instead of writing
+    /// them back after each: a run in one transaction rewrites each meter once.
+    keep_meters: bool,
+    /// Audit rows not written yet (a one-transaction run batches them per meter).
+    audit: AuditRows,
     /// Simulate only: record ids a real run would have claimed by now.
     simulated_claims: HashSet<String>,
     /// Simulate only: unique_count values a real run would have stored by now.
@@ -150,19 +186,48 @@ impl<'s> Processor<'s> {
                 now,
                 future_tolerance: gucs::future_tolerance(),
             },
-            types: catalog::load_meter_types(&names)?,
-            meters: HashMap::new(),
-            simulated_claims: HashSet::new(),
-            simulated_seen: HashSet::new(),
+            types: catalog::load_meter_types(&names)?.into_iter().collect(),
+            meters: HashMap::default(),
+            loaded_users: HashSet::default(),
+            keep_meters: mode == Mode::Simulate,
+            audit: AuditRows::default(),
+            simulated_claims: HashSet::default(),
+            simulated_seen: HashSet::default(),
             next_simulated_id: -1,
         })
     }
 
+    /// Keeps meters and audit rows in memory across chunks until `finish` (Apply
+    /// in one transaction). Bounded: past
+    /// `MAX_KEPT_METERS` meters or `MAX_KEPT_AUDIT` audit rows, they are written.
+    pub fn keep_meters(mut self) -> Self {
+        self.keep_meters = true;
+        self
+    }
+
+    /// Writes back every meter changed, and every audit row, not written yet.
+    pub fn finish(&mut self) -> Result<()> {
+        if self.mode == Mode::Apply {
+            self.write_meters()?;
+            self.write_audit()?;
+        }
+        Ok(())
+    }
+
+    fn write_audit(&mut self) -> Result<()> {
+        let rows = std::mem::take(&mut self.audit);
+        if self.stream.audit {
+            rows.insert(self.stream.id, self.session_id)?;
+        }
+        Ok(())
+    }
+
     /// Processes one chunk, in input order, and returns what happened to each record.
     pub fn process(&mut self, inputs: &[Input]) -> Result<Vec<Outcome>> {
-        if self.mode == Mode::Apply {
-            // Nothing is cached between chunks of a real run: memory stays bounded.
+        if !self.keep_meters {
+            // Each chunk reads its meters afresh: memory stays bounded by the chunk.
             self.meters.clear();
+            self.loaded_users.clear();
         }
         let fields = &self.stream.fields;
         let extracted: Vec<std::result::Result<Extracted, Rejection>> = inputs
@@ -175,12 +240,12 @@ impl<'s> Processor<'s> {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        self.load_meters(&users)?;
+        self.load_meters(&users, false)?;
 
         // Pass 1: rules, activity windows, values.
         let mut outcomes: Vec<Option<Outcome>> = vec![None; inputs.len()];
         let mut taken: Vec<Taken> = Vec::new();
-        let mut to_create: HashSet<MeterKey> = HashSet::new();
+        let mut to_create: HashSet<MeterKey> = HashSet::default();
         let stream = self.stream;
         for (index, result) in extracted.iter().enumerate() {
             let record = match result {
@@ -229,8 +294,7 @@ impl<'s> Processor<'s> {
         let duplicates = self.claim_record_ids(&taken)?;
 
         // Pass 2: apply, in input order.
-        let (existing_seen, mut fresh_seen) = (self.load_seen(&taken, &duplicates, inputs)?, HashSet::new());
-        let mut audit = AuditRows::default();
+        let (existing_seen, mut fresh_seen) = (self.load_seen(&taken, &duplicates, inputs)?, HashSet::default());
         for item in &taken {
             let input = &inputs[item.index];
             if duplicates.contains(&item.index) {
@@ -268,7 +332,9 @@ impl<'s> Processor<'s> {
                 }
             };
             slot.dirty = true;
-            audit.push(slot, input, item, &value);
+            if self.mode == Mode::Apply && self.stream.audit {
+                self.audit.push(slot, input, item, &value);
+            }
             outcomes[item.index] = Some(Outcome::Metered {
                 rule: item.rule.name.clone(),
                 meter_id: (slot.id > 0).then_some(slot.id),
@@ -284,15 +350,29 @@ impl<'s> Processor<'s> {
             .collect();
 
         if self.mode == Mode::Apply {
-            self.write_meters()?;
-            store_seen(&fresh_seen)?;
-            if self.stream.audit {
-                audit.insert(self.stream.id, self.session_id)?;
+            if !self.keep_meters || self.meters.len() > MAX_KEPT_METERS {
+                self.write_meters()?;
+                if self.keep_meters {
+                    // Written back and still locked by this transaction: reading
+                    // them again later is safe.
+                    self.meters.clear();
+                    self.loaded_users.clear();
+                }
             }
+            store_seen(&fresh_seen)?;
+            if !self.keep_meters || self.audit.len() > MAX_KEPT_AUDIT {
+                self.write_audit()?;
+            }
+            let rejected: Vec<(Value, &Outcome)> = inputs
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| matches!(o, Outcome::Rejected { .. }))
+                .map(|(i, o)| (i.whole_record(), o))
+                .collect();
             insert_rejected(
                 &self.stream.name,
                 self.session_id,
-                inputs.iter().map(|i| &i.record).zip(&outcomes),
+                rejected.iter().map(|(r, o)| (r, *o)),
             )?;
         }
         Ok(outcomes)
@@ -347,16 +427,15 @@ impl<'s> Processor<'s> {
         }
     }
 
-    /// Loads (and in `Apply`, locks) the stream's meters of these users.
-    fn load_meters(&mut self, users: &[String]) -> Result<()> {
-        let users: Vec<String> = match self.mode {
-            Mode::Apply => users.to_vec(),
-            // A simulation keeps what it changed; only load users it has not seen.
-            Mode::Simulate => {
-                let known: HashSet<&str> = self.meters.keys().map(|(_, u)| u.as_str()).collect();
-                users.iter().filter(|u| !known.contains(u.as_str())).cloned().collect()
-            }
-        };
+    /// Loads (and in `Apply`, locks) the stream's meters of these users, unless
+    /// already loaded; `again` reloads them (after creating meters), keeping what
+    /// is in memory.
+    fn load_meters(&mut self, users: &[String], again: bool) -> Result<()> {
+        let users: Vec<String> = users
+            .iter()
+            .filter(|u| again || !self.loaded_users.contains(*u))
+            .cloned()
+            .collect();
         if users.is_empty() {
             return Ok(());
         }
@@ -372,7 +451,7 @@ impl<'s> Processor<'s> {
         );
         let rows = Spi::connect_mut(|client| -> Result<Vec<(MeterKey, Slot)>> {
             let mut rows = Vec::new();
-            for row in client.update(&query, None, &[self.stream.id.into(), users.into()])? {
+            for row in sql::run(client, &query, &[self.stream.id.into(), users.clone().into()])? {
                 let type_id = row.get::<i64>(2)?.unwrap();
                 let Some(type_name) = type_names.get(&type_id) else {
                     continue;
@@ -403,7 +482,10 @@ impl<'s> Processor<'s> {
             }
             Ok(rows)
         })?;
-        self.meters.extend(rows);
+        for (key, slot) in rows {
+            self.meters.entry(key).or_insert(slot);
+        }
+        self.loaded_users.extend(users);
         Ok(())
     }
 
@@ -431,7 +513,7 @@ impl<'s> Processor<'s> {
                     .collect::<HashSet<_>>()
                     .into_iter()
                     .collect();
-                self.load_meters(&users)?;
+                self.load_meters(&users, true)?;
                 for id in created {
                     if let Some(slot) = self.meters.values_mut().find(|s| s.id == id) {
                         slot.new = true;
@@ -470,8 +552,8 @@ impl<'s> Processor<'s> {
     /// Claims the record ids of taken records; returns the indexes of duplicates:
     /// ids seen earlier in the chunk, or already claimed within the retention.
     fn claim_record_ids(&mut self, taken: &[Taken]) -> Result<HashSet<usize>> {
-        let mut duplicates = HashSet::new();
-        let mut first_in_chunk: HashMap<&str, usize> = HashMap::new();
+        let mut duplicates = HashSet::default();
+        let mut first_in_chunk: HashMap<&str, usize> = HashMap::default();
         for item in taken {
             if let Some(id) = item.record_id.as_deref() {
                 if first_in_chunk.contains_key(id) {
@@ -484,21 +566,31 @@ impl<'s> Processor<'s> {
         if first_in_chunk.is_empty() {
             return Ok(duplicates);
         }
-        let ids: Vec<String> = first_in_chunk.keys().map(|s| s.to_string()).collect();
+        let (mut ids, mut meter_ids) = (
+            Vec::with_capacity(first_in_chunk.len()),
+            Vec::with_capacity(first_in_chunk.len()),
+        );
+        for item in taken {
+            if let Some(id) = item.record_id.as_deref() {
+                if first_in_chunk.get(id) == Some(&item.index) {
+                    ids.push(id.to_string());
+                    meter_ids.push(self.meters.get(&item.key).map(|s| s.id).filter(|id| *id > 0));
+                }
+            }
+        }
+        let now = to_timestamptz(self.clock.now);
         let forget_before = to_timestamptz(self.clock.now - gucs::dedupe_retention());
+        // ON CONFLICT finds a known id through the unique index whatever the
+        // planner believes about the table's size (a probe planned by stale
+        // statistics, right after the table grew, could scan it whole).
         let fresh: HashSet<String> = match self.mode {
             Mode::Apply => sql::strings(
-                "INSERT INTO meter.dedupe_keys AS k (stream_id, record_id, seen_at)
-                 SELECT $1, id, $3 FROM unnest($2::text[]) AS id
-                 ON CONFLICT (stream_id, record_id) DO UPDATE SET seen_at = EXCLUDED.seen_at
+                "INSERT INTO meter.dedupe_keys AS k (stream_id, record_id, seen_at, meter_id)
+                 SELECT $1, c.id, $3, c.meter FROM unnest($2::text[], $5::bigint[]) AS c(id, meter)
+                 ON CONFLICT (stream_id, record_id) DO UPDATE SET seen_at = EXCLUDED.seen_at, meter_id = EXCLUDED.meter_id
                   WHERE k.seen_at < $4
                  RETURNING record_id",
-                &[
-                    self.stream.id.into(),
-                    ids.into(),
-                    to_timestamptz(self.clock.now).into(),
-                    forget_before.into(),
-                ],
+                &[self.stream.id.into(), ids.into(), now.into(), forget_before.into(), meter_ids.into()],
             )?
             .into_iter()
             .collect(),
@@ -509,9 +601,7 @@ impl<'s> Processor<'s> {
                 )?
                 .into_iter()
                 .collect();
-                ids.into_iter()
-                    .filter(|id| !known.contains(id) && self.simulated_claims.insert(id.clone()))
-                    .collect()
+                ids.into_iter().filter(|id| !known.contains(id) && self.simulated_claims.insert(id.clone())).collect()
             }
         };
         for (id, index) in first_in_chunk {
@@ -548,16 +638,16 @@ impl<'s> Processor<'s> {
             }
         }
         if meter_ids.is_empty() {
-            return Ok(HashSet::new());
+            return Ok(HashSet::default());
         }
-        Spi::connect(|client| {
-            let mut seen = HashSet::new();
-            let rows = client.select(
+        Spi::connect_mut(|client| {
+            let mut seen = HashSet::default();
+            let rows = sql::run(
+                client,
                 "SELECT d.meter_id, d.group_key, d.value_key
                    FROM meter.meter_distinct d
                    JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS c(meter_id, group_key, value_key)
                      ON (d.meter_id, d.group_key, d.value_key) = (c.meter_id, c.group_key, c.value_key)",
-                None,
                 &[meter_ids.into(), groups.into(), values.into()],
             )?;
             for row in rows {
@@ -797,54 +887,112 @@ impl MeterRows {
     }
 }
 
-/// Column arrays for the one INSERT that writes a chunk's audit rows.
+/// Audit rows not written yet, grouped by meter as they will be stored (one
+/// `meter.usage_audit_batches` row per meter): each column is kept as the text of
+/// a PostgreSQL array, which the INSERT casts. Cheaper than aggregating a row per
+/// record in SQL.
 #[derive(Default)]
 struct AuditRows {
-    meter_ids: Vec<i64>,
-    user_ids: Vec<String>,
-    usage_ids: Vec<Option<i64>>,
-    record_ids: Vec<Option<String>>,
-    rules: Vec<String>,
-    values: Vec<String>,
-    record_times: Vec<TimestampWithTimeZone>,
-    period_starts: Vec<TimestampWithTimeZone>,
+    by_meter: HashMap<i64, MeterAudit>,
+    rows: usize,
+}
+
+#[derive(Default)]
+struct MeterAudit {
+    user_id: String,
+    period_start: Option<TimestampWithTimeZone>,
+    usage_ids: String,
+    record_ids: String,
+    rules: String,
+    amounts: String,
+    record_ats: String,
+}
+
+/// Appends an element to the text of an array (its inside, without braces).
+fn push_element(array: &mut String, element: Option<&str>, quoted: bool) {
+    if !array.is_empty() {
+        array.push(',');
+    }
+    match element {
+        None => array.push_str("NULL"),
+        Some(text) if !quoted => array.push_str(text),
+        Some(text) => {
+            array.push('"');
+            for c in text.chars() {
+                if c == '"' || c == '\\' {
+                    array.push('\\');
+                }
+                array.push(c);
+            }
+            array.push('"');
+        }
+    }
 }
 
 impl AuditRows {
+    fn len(&self) -> usize {
+        self.rows
+    }
+
     fn push(&mut self, slot: &Slot, input: &Input, item: &Taken, value: &BigDecimal) {
-        self.meter_ids.push(slot.id);
-        self.user_ids.push(item.key.1.clone());
-        self.usage_ids.push(input.usage_id);
-        self.record_ids.push(item.record_id.clone());
-        self.rules.push(item.rule.name.clone());
-        self.values.push(value.to_plain_string());
-        self.record_times.push(to_timestamptz(item.at));
-        self.period_starts.push(to_timestamptz(slot.period_start));
+        let entry = self.by_meter.entry(slot.id).or_insert_with(|| MeterAudit {
+            user_id: item.key.1.clone(),
+            period_start: Some(to_timestamptz(slot.period_start)),
+            ..MeterAudit::default()
+        });
+        push_element(
+            &mut entry.usage_ids,
+            input.usage_id.map(|id| id.to_string()).as_deref(),
+            false,
+        );
+        push_element(&mut entry.record_ids, item.record_id.as_deref(), true);
+        push_element(&mut entry.rules, Some(&item.rule.name), true);
+        push_element(&mut entry.amounts, Some(&value.to_plain_string()), false);
+        push_element(
+            &mut entry.record_ats,
+            Some(&crate::convert::timestamptz_literal(item.at)),
+            true,
+        );
+        self.rows += 1;
     }
 
     fn insert(self, stream_id: i64, session_id: Option<i64>) -> Result<()> {
-        if self.meter_ids.is_empty() {
+        if self.by_meter.is_empty() {
             return Ok(());
         }
+        let braces = |s: String| format!("{{{s}}}");
+        let mut columns: (Vec<i64>, Vec<String>, Vec<Option<TimestampWithTimeZone>>) = Default::default();
+        let mut arrays: [Vec<String>; 5] = Default::default();
+        for (meter_id, m) in self.by_meter {
+            columns.0.push(meter_id);
+            columns.1.push(m.user_id);
+            columns.2.push(m.period_start);
+            arrays[0].push(braces(m.usage_ids));
+            arrays[1].push(braces(m.record_ids));
+            arrays[2].push(braces(m.rules));
+            arrays[3].push(braces(m.amounts));
+            arrays[4].push(braces(m.record_ats));
+        }
+        let [usage_ids, record_ids, rules, amounts, record_ats] = arrays;
         sql::execute(
-            "INSERT INTO meter.usage_audit (session_id, stream_id, meter_id, user_id, usage_id, record_id, rule, value,
-                                            record_at, period_start)
-             SELECT $1, $2, a.meter_id, a.user_id, a.usage_id, a.record_id, a.rule, a.value::numeric, a.record_at,
-                    a.period_start
-               FROM unnest($3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[],
-                           $9::timestamptz[], $10::timestamptz[])
-                    AS a(meter_id, user_id, usage_id, record_id, rule, value, record_at, period_start)",
+            "INSERT INTO meter.usage_audit_batches
+                    (session_id, stream_id, meter_id, user_id, period_start, usage_ids, record_ids, rules, amounts, record_ats)
+             SELECT $1, $2, a.meter_id, a.user_id, a.period_start, a.usage_ids::bigint[], a.record_ids::text[],
+                    a.rules::text[], a.amounts::numeric[], a.record_ats::timestamptz[]
+               FROM unnest($3::bigint[], $4::text[], $5::timestamptz[], $6::text[], $7::text[], $8::text[],
+                           $9::text[], $10::text[])
+                    AS a(meter_id, user_id, period_start, usage_ids, record_ids, rules, amounts, record_ats)",
             &[
                 session_id.into(),
                 stream_id.into(),
-                self.meter_ids.into(),
-                self.user_ids.into(),
-                self.usage_ids.into(),
-                self.record_ids.into(),
-                self.rules.into(),
-                self.values.into(),
-                self.record_times.into(),
-                self.period_starts.into(),
+                columns.0.into(),
+                columns.1.into(),
+                columns.2.into(),
+                usage_ids.into(),
+                record_ids.into(),
+                rules.into(),
+                amounts.into(),
+                record_ats.into(),
             ],
         )?;
         Ok(())

@@ -5,14 +5,13 @@
 //! `meter.scan_once()`, which the background worker or pg_cron calls.
 
 use jiff::Timestamp;
-use serde_json::Value;
 
 use crate::catalog::Stream;
 use crate::convert::transaction_now;
 use crate::errors::{MeterError, Result};
 use crate::flush::{self, Flushed, Scope};
 use crate::gucs;
-use crate::inbox::{self, Ingested};
+use crate::inbox::{self, Batch, Ingested};
 use crate::locks;
 use crate::processor::{Counts, Input, Mode, Processor};
 use crate::session::{RunType, Status};
@@ -48,16 +47,13 @@ fn working(stream_id: i64) -> Result<Option<(i64, Status)>> {
 }
 
 /// `meter.ingest` on a realtime stream.
-pub fn ingest(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
+pub fn ingest(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     let (session_id, status) = session(stream)?;
     if status == Status::Paused {
-        return inbox::queue(stream, records);
+        return inbox::queue(stream, batch);
     }
     let now = transaction_now();
-    let inputs: Vec<Input> = records
-        .into_iter()
-        .map(|record| Input { usage_id: None, record })
-        .collect();
+    let inputs: Vec<Input> = batch.values().into_iter().map(Input::new).collect();
     let counts = meter(stream, session_id, now, &inputs)?;
     Ok(Ingested {
         accepted: counts.metered,
@@ -71,13 +67,16 @@ pub fn ingest(stream: &Stream, records: Vec<Value>) -> Result<Ingested> {
 /// current period. Counts go to the session's per-backend counters.
 fn meter(stream: &Stream, session_id: i64, now: Timestamp, inputs: &[Input]) -> Result<Counts> {
     let mut processor = Processor::new(stream, Mode::Apply, Some(session_id), now)?;
+    let projection = stream.projection();
     let mut counts = Counts::default();
     let mut flushed = 0;
+    let mut after = 0;
     loop {
-        let waiting = inbox::take_chunk(&stream.name, gucs::chunk_size())?;
+        let waiting = inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection)?;
         if waiting.is_empty() {
             break;
         }
+        after = inbox::last_id(&waiting, after);
         flushed += flush_users(stream, session_id, now, &waiting)?;
         counts.add(Counts::of(&processor.process(&waiting)?));
     }

@@ -33,19 +33,18 @@ pub fn purge(older_than: Interval, batch_size: i64) -> Result<Vec<(&'static str,
         (
             // Audit rows of periods that are over (the current period's rows verify the meter).
             "usage_audit",
-            "DELETE FROM meter.usage_audit WHERE id IN (
-                 SELECT a.id FROM meter.usage_audit a
+            "DELETE FROM meter.usage_audit_batches WHERE ctid = ANY (ARRAY(
+                 SELECT a.ctid FROM meter.usage_audit_batches a
                   WHERE a.processed_at < $1
                     AND NOT EXISTS (SELECT FROM meter.meters m WHERE m.id = a.meter_id AND m.period_start = a.period_start)
-                  ORDER BY a.id LIMIT $2)",
+                  LIMIT $2))",
             vec![cutoff.into(), batch_size.into()],
         ),
         (
             // Record ids outside meter_ext.dedupe_retention: they would not count as duplicates anyway.
             "dedupe_keys",
-            "DELETE FROM meter.dedupe_keys WHERE (stream_id, record_id) IN (
-                 SELECT stream_id, record_id FROM meter.dedupe_keys
-                  WHERE seen_at < now() - make_interval(secs => $1) LIMIT $2)",
+            "DELETE FROM meter.dedupe_keys WHERE ctid = ANY (ARRAY(
+                 SELECT ctid FROM meter.dedupe_keys WHERE seen_at < now() - make_interval(secs => $1) LIMIT $2))",
             vec![(retention as f64).into(), batch_size.into()],
         ),
         (

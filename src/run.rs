@@ -148,18 +148,15 @@ pub fn step(id: i64) -> Result<Step> {
             Ok(Step::More)
         }
         (Status::Running, _) => {
-            let chunk = inbox::take_chunk(&stream.name, limit)?;
+            let chunk = inbox::take_chunk(&stream.name, session.inbox_position, limit, &stream.projection())?;
             if chunk.is_empty() {
-                sessions::transition(id, Status::UsagePushing, None)?;
-                sql::execute(
-                    "UPDATE meter.sessions SET phase = 'closing', as_of = clock_timestamp() WHERE id = $1",
-                    &[id.into()],
-                )?;
+                start_closing(id)?;
                 return Ok(Step::More);
             }
             let mut processor = Processor::new(&stream, Mode::Apply, Some(id), session.as_of)?;
             let counts = Counts::of(&processor.process(&chunk)?);
             sessions::count(id, counts, 0)?;
+            sessions::set_inbox_position(id, inbox::last_id(&chunk, session.inbox_position))?;
             Ok(Step::More)
         }
         (Status::UsagePushing, _) => {
@@ -185,9 +182,16 @@ pub fn step(id: i64) -> Result<Step> {
     }
 }
 
-/// Every step in the caller's transaction (`run_stream`).
+/// Every step in the caller's transaction (`run_stream`). The processing phase
+/// keeps the meters it changes in memory (locked) across chunks and writes each
+/// back once, instead of once per chunk.
 pub fn to_end(id: i64) -> Result<()> {
     loop {
+        let session = sessions::load(id, false)?;
+        if session.run_type == RunType::Normal && session.status == Status::Running && session.phase == "process" {
+            process_all(&session)?;
+            continue;
+        }
         match step(id)? {
             Step::Done => return Ok(()),
             Step::More => {}
@@ -195,6 +199,36 @@ pub fn to_end(id: i64) -> Result<()> {
             Step::Paused => return Err(MeterError::WrongState(format!("session {id} is paused"))),
         }
     }
+}
+
+/// The processing phase of a one-transaction run: every pending record, chunk by
+/// chunk, then on to the closing phase.
+fn process_all(session: &Session) -> Result<()> {
+    let stream = catalog::load_stream(&session.stream_name)?;
+    let mut processor = Processor::new(&stream, Mode::Apply, Some(session.id), session.as_of)?.keep_meters();
+    let projection = stream.projection();
+    let mut after = session.inbox_position;
+    loop {
+        let chunk = inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection)?;
+        if chunk.is_empty() {
+            break;
+        }
+        after = inbox::last_id(&chunk, after);
+        let counts = Counts::of(&processor.process(&chunk)?);
+        sessions::count(session.id, counts, 0)?;
+    }
+    processor.finish()?;
+    start_closing(session.id)
+}
+
+/// Processing is over: USAGE_PUSHING, and the closing scan runs by a fresh clock.
+fn start_closing(id: i64) -> Result<()> {
+    sessions::transition(id, Status::UsagePushing, None)?;
+    sql::execute(
+        "UPDATE meter.sessions SET phase = 'closing', as_of = clock_timestamp() WHERE id = $1",
+        &[id.into()],
+    )?;
+    Ok(())
 }
 
 /// Marks a session FAILED after an error (unless it already ended).
@@ -216,9 +250,10 @@ fn debug(session: &Session, stream: &Stream) -> Result<Step> {
     let mut rejections: BTreeMap<&'static str, i64> = BTreeMap::new();
     let mut examples = Vec::new();
     let mut new_meters = std::collections::HashSet::new();
+    let projection = stream.projection();
     let mut after = 0i64;
     loop {
-        let chunk = inbox::peek_chunk(&stream.name, after, limit)?;
+        let chunk = inbox::peek_chunk(&stream.name, after, limit, &projection)?;
         let Some(last) = chunk.last() else { break };
         after = last.usage_id.unwrap_or(after);
         let outcomes = processor.process(&chunk)?;

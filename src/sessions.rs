@@ -26,6 +26,8 @@ pub struct Session {
     pub status: Status,
     pub phase: String,
     pub as_of: Timestamp,
+    /// The last inbox id a chunked run took.
+    pub inbox_position: i64,
 }
 
 fn kind_of(mode: StreamMode) -> SessionKind {
@@ -37,14 +39,14 @@ fn kind_of(mode: StreamMode) -> SessionKind {
 
 /// Loads a session; `lock` takes its row lock for a status change.
 pub fn load(id: i64, lock: bool) -> Result<Session> {
+    let lock = if lock { "FOR UPDATE OF s" } else { "" };
     let query = format!(
-        "SELECT s.id, s.stream_id, st.name, s.run_type, st.mode, s.status, s.phase, s.as_of
+        "SELECT s.id, s.stream_id, st.name, s.run_type, st.mode, s.status, s.phase, s.as_of, s.inbox_position
            FROM meter.sessions s JOIN meter.streams st ON st.id = s.stream_id
-          WHERE s.id = $1 {}",
-        if lock { "FOR UPDATE OF s" } else { "" }
+          WHERE s.id = $1 {lock}"
     );
     let row = Spi::connect_mut(|client| -> Result<_> {
-        let table = client.update(&query, Some(1), &[id.into()])?;
+        let table = sql::run(client, &query, &[id.into()])?;
         if table.is_empty() {
             return Ok(None);
         }
@@ -58,9 +60,10 @@ pub fn load(id: i64, lock: bool) -> Result<Session> {
             r.get::<String>(6)?.unwrap(),
             r.get::<String>(7)?.unwrap(),
             r.get::<TimestampWithTimeZone>(8)?.and_then(to_timestamp).unwrap(),
+            r.get::<i64>(9)?.unwrap_or(0),
         )))
     })?;
-    let Some((id, _stream_id, stream_name, run_type, mode, status, phase, as_of)) = row else {
+    let Some((id, _stream_id, stream_name, run_type, mode, status, phase, as_of, inbox_position)) = row else {
         return Err(MeterError::NotFound(format!("session {id} does not exist")));
     };
     Ok(Session {
@@ -79,6 +82,7 @@ pub fn load(id: i64, lock: bool) -> Result<Session> {
             .map_err(|e: crate::session::UnknownStatus| MeterError::InvalidParameter(e.to_string()))?,
         phase,
         as_of,
+        inbox_position,
     })
 }
 
@@ -215,6 +219,14 @@ pub fn fold_counters() -> Result<()> {
     Ok(())
 }
 
+pub fn set_inbox_position(id: i64, position: i64) -> Result<()> {
+    sql::execute(
+        "UPDATE meter.sessions SET inbox_position = $2 WHERE id = $1",
+        &[id.into(), position.into()],
+    )?;
+    Ok(())
+}
+
 pub fn set_phase(id: i64, phase: &str) -> Result<()> {
     sql::execute(
         "UPDATE meter.sessions SET phase = $2 WHERE id = $1",
@@ -229,18 +241,14 @@ pub fn set_phase(id: i64, phase: &str) -> Result<()> {
 /// is starting another).
 pub fn working_run(stream_id: i64) -> Result<Option<(i64, Status, Option<i32>, bool)>> {
     let row = Spi::connect_mut(|client| -> Result<_> {
-        let table = client.update(
-            "SELECT s.id, s.status, s.backend_pid,
+        let table = sql::run(client, "SELECT s.id, s.status, s.backend_pid,
                     s.backend_pid IS DISTINCT FROM pg_catalog.pg_backend_pid() AND EXISTS (
                         SELECT FROM pg_catalog.pg_stat_activity a
                          WHERE a.pid = s.backend_pid AND a.backend_start = s.backend_start
                            AND a.state IS DISTINCT FROM 'idle' AND a.state IS DISTINCT FROM 'idle in transaction (aborted)')
                FROM meter.sessions s JOIN meter.streams st ON st.id = s.stream_id
               WHERE s.stream_id = $1 AND st.mode = 'batch' AND s.run_type = 'NORMAL'
-                AND s.status IN ('INITIALIZING', 'RUNNING', 'PAUSED', 'USAGE_PUSHING')",
-            Some(1),
-            &[stream_id.into()],
-        )?;
+                AND s.status IN ('INITIALIZING', 'RUNNING', 'PAUSED', 'USAGE_PUSHING')", &[stream_id.into()])?;
         if table.is_empty() {
             return Ok(None);
         }

@@ -1,15 +1,70 @@
-//! Small SPI helpers shared by the Postgres-facing modules.
+//! SPI helpers shared by the Postgres-facing modules.
+//!
+//! Every statement goes through a per-backend plan cache: it is parsed and
+//! planned once, then executed from its saved plan (PostgreSQL revalidates saved
+//! plans when the objects they use change). Realtime ingest runs a dozen short
+//! statements per call; planning them each time cost more than running them.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
-use pgrx::{FromDatum, IntoDatum};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
+use pgrx::{FromDatum, IntoDatum, PgOid};
 
 use crate::errors::Result;
+
+thread_local! {
+    static PLANS: RefCell<HashMap<(String, Vec<Oid>), Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    static FRESH_PLANS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every statement planned afresh, for its actual arguments and the
+/// tables' current sizes. Batch runs use this: their statements handle thousands
+/// of rows, so planning is cheap next to them, while a plan cached when a table was
+/// small (an index-less scan of a then-empty `dedupe_keys`, say) turns quadratic
+/// as it grows.
+pub fn with_fresh_plans<R>(f: impl FnOnce() -> R) -> R {
+    let before = FRESH_PLANS.with(|fresh| fresh.replace(true));
+    let result = f();
+    FRESH_PLANS.with(|fresh| fresh.set(before));
+    result
+}
+
+/// Runs `query` (read-write) from its cached plan, or planned afresh inside
+/// `with_fresh_plans`.
+pub fn run<'conn>(
+    client: &mut SpiClient<'conn>,
+    query: &str,
+    args: &[DatumWithOid],
+) -> SpiResult<SpiTupleTable<'conn>> {
+    if FRESH_PLANS.with(|fresh| fresh.get()) {
+        return client.update(query, None, args);
+    }
+    let key = (
+        query.to_string(),
+        args.iter().map(DatumWithOid::oid).collect::<Vec<_>>(),
+    );
+    let cached = PLANS.with(|plans| plans.borrow().get(&key).cloned());
+    let plan = match cached {
+        Some(plan) => plan,
+        None => {
+            let types: Vec<PgOid> = key.1.iter().map(|oid| PgOid::from(*oid)).collect();
+            let plan = Rc::new(client.prepare_mut(query, &types)?.keep());
+            PLANS.with(|plans| plans.borrow_mut().insert(key, plan.clone()));
+            plan
+        }
+    };
+    client.update(&*plan, None, args)
+}
 
 /// The first column of the first row, or `None` when there is no row (or it is NULL).
 pub fn one<T: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid]) -> Result<Option<T>> {
     Spi::connect_mut(|client| {
-        let table = client.update(query, Some(1), args)?;
+        let table = run(client, query, args)?;
         if table.is_empty() {
             return Ok(None);
         }
@@ -19,13 +74,13 @@ pub fn one<T: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid]) -> Resu
 
 /// Runs a statement and returns how many rows it touched.
 pub fn execute(query: &str, args: &[DatumWithOid]) -> Result<usize> {
-    Spi::connect_mut(|client| Ok(client.update(query, None, args)?.len()))
+    Spi::connect_mut(|client| Ok(run(client, query, args)?.len()))
 }
 
 /// The first column of every row, as text.
 pub fn strings(query: &str, args: &[DatumWithOid]) -> Result<Vec<String>> {
     Spi::connect_mut(|client| {
-        let table = client.update(query, None, args)?;
+        let table = run(client, query, args)?;
         let mut out = Vec::with_capacity(table.len());
         for row in table {
             if let Some(s) = row.get::<String>(1)? {
@@ -34,4 +89,134 @@ pub fn strings(query: &str, args: &[DatumWithOid]) -> Result<Vec<String>> {
         }
         Ok(out)
     })
+}
+
+/// No SQL is built from user strings: every `format!` that makes a statement
+/// interpolates only constants (UPPER_CASE) or names listed here with the reason
+/// they are safe. User values travel as `$n` arguments, or through PostgreSQL's own
+/// `format('%I', …)` / `%L` when a statement needs an identifier or literal.
+#[cfg(test)]
+mod dynamic_sql {
+    /// Interpolations that are not user input, and why.
+    const SAFE: &[(&str, &str)] = &[
+        ("function", "locks.rs: one of two advisory-lock function names"),
+        (
+            "lock",
+            "processor.rs, sessions.rs: a row-lock clause chosen between literals",
+        ),
+        (
+            "condition",
+            "catalog.rs: a &'static str WHERE clause; the value goes as $1",
+        ),
+    ];
+    const STATEMENT_WORDS: &[&str] = &[
+        "SELECT ",
+        "INSERT ",
+        "UPDATE ",
+        "DELETE ",
+        "CREATE ",
+        "ALTER ",
+        "DROP ",
+        "CALL ",
+        "TRUNCATE ",
+        " SET ",
+    ];
+
+    /// The string literal starting at `text` (plain or raw), without its quotes.
+    fn literal(text: &str) -> Option<&str> {
+        let text = text.trim_start();
+        let (hashes, body) = if let Some(raw) = text.strip_prefix('r') {
+            let hashes = raw.len() - raw.trim_start_matches('#').len();
+            (Some(hashes), raw[hashes..].strip_prefix('"')?)
+        } else {
+            (None, text.strip_prefix('"')?)
+        };
+        let end = match hashes {
+            Some(n) => body.find(&format!("\"{}", "#".repeat(n)))?,
+            None => {
+                let bytes = body.as_bytes();
+                let mut i = 0;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i
+            }
+        };
+        Some(&body[..end])
+    }
+
+    /// The names interpolated by a format string (`{name}`, `{name:?}`, `{}`), skipping `{{`.
+    fn interpolations(format: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = format;
+        while let Some(at) = rest.find('{') {
+            if rest[at..].starts_with("{{") {
+                rest = &rest[at + 2..];
+                continue;
+            }
+            let close = rest[at..].find('}').map_or(rest.len(), |c| at + c);
+            names.push(rest[at + 1..close].split(':').next().unwrap_or("").to_string());
+            rest = &rest[(close + 1).min(rest.len())..];
+        }
+        names
+    }
+
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if !path.ends_with("pg_tests") {
+                    sources(&path, out);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn statements_interpolate_only_constants() {
+        let mut files = Vec::new();
+        sources(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let (mut statements, mut unsafe_interpolations) = (0, Vec::new());
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            // This module's own format! calls build no SQL.
+            let text = text.split("mod dynamic_sql").next().unwrap();
+            for (at, _) in text.match_indices("format!(") {
+                let Some(format) = literal(&text[at + "format!(".len()..]) else {
+                    continue;
+                };
+                if !STATEMENT_WORDS.iter().any(|w| format.contains(w)) {
+                    continue;
+                }
+                statements += 1;
+                for name in interpolations(format) {
+                    let constant = !name.is_empty()
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                    if !constant && !SAFE.iter().any(|(safe, _)| *safe == name) {
+                        unsafe_interpolations.push(format!("{}: {{{name}}} in {format:?}", file.display()));
+                    }
+                }
+            }
+        }
+        assert!(
+            statements >= 3,
+            "found only {statements} formatted statements: is the scan still working?"
+        );
+        assert!(unsafe_interpolations.is_empty(), "{unsafe_interpolations:#?}");
+    }
+
+    #[test]
+    fn the_scan_sees_an_unsafe_interpolation() {
+        let source = r#"format!("SELECT * FROM t WHERE name = '{name}'")"#;
+        let format = literal(&source["format!(".len()..]).unwrap();
+        assert_eq!(interpolations(format), vec!["name"]);
+        assert_eq!(interpolations(r#"{{ "a": {A_B}, "b": {} }}"#), vec!["A_B", ""]);
+    }
 }

@@ -270,7 +270,7 @@ mod tests {
         let first = read("billing", 1)[0];
         run(&format!("SELECT meter.ack_flushed('billing', {first})"));
         run("UPDATE meter.flushed SET flushed_at = now() - interval '100 days'");
-        run("UPDATE meter.usage_audit SET processed_at = now() - interval '100 days'");
+        run("UPDATE meter.usage_audit_batches SET processed_at = now() - interval '100 days'");
         run("UPDATE meter.dedupe_keys SET seen_at = now() - interval '100 days'");
         let rejected = sql_i64("SELECT id FROM meter.rejected");
         run(&format!("SELECT meter.reprocess_rejected(ARRAY[{rejected}])"));
@@ -296,5 +296,34 @@ mod tests {
             error_message("SELECT * FROM meter.purge(interval '1 day', 0)"),
             "batch_size must be at least 1"
         );
+    }
+
+    #[pg_test]
+    fn usage_report_lists_flushed_and_open_periods_per_user() {
+        stream_with_expired_meters(&["a", "b"]);
+        run("UPDATE meter.meters SET value = 5, record_count = 2 WHERE user_id = 'a'");
+        process("s");
+        run(r#"SELECT meter.ingest('s', '{"userId": "a", "value": 7}')"#);
+        process("s");
+        let report = rows("SELECT user_id, meter_type, value::text, records, state FROM meter.usage_report('s')");
+        assert_eq!(
+            report,
+            json!([
+                {"user_id": "a", "meter_type": "calls", "value": "5", "records": 2, "state": "flushed"},
+                {"user_id": "b", "meter_type": "calls", "value": "0", "records": 0, "state": "flushed"},
+                {"user_id": "a", "meter_type": "calls", "value": "7", "records": 1, "state": "open"},
+                {"user_id": "b", "meter_type": "calls", "value": "0", "records": 0, "state": "open"},
+            ])
+        );
+        // The window keeps the periods that overlap it.
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.usage_report('s', now() - interval '36 hours', now() - interval '30 hours')"),
+            2
+        );
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.usage_report('s', now() + interval '2 days')"),
+            0
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage_report('nope')"), 0);
     }
 }

@@ -77,7 +77,7 @@ mod tests {
         // Every metered record has an audit row naming its rule.
         assert_eq!(
             sql_text(
-                "SELECT string_agg(rule || ':' || user_id || ':' || value, ',' ORDER BY id) FROM meter.usage_audit"
+                "SELECT string_agg(rule || ':' || user_id || ':' || value, ',' ORDER BY usage_id) FROM meter.usage_audit"
             )
             .as_deref(),
             Some("all:acme:5,eu:globex:7,all:globex:1")
@@ -499,7 +499,7 @@ mod tests {
             ]
         );
         let applied = snapshot(
-            "SELECT rule, value FROM meter.usage_audit WHERE id > (SELECT min(id) + 1 FROM meter.usage_audit) ORDER BY id",
+            "SELECT rule, value FROM meter.usage_audit WHERE session_id = (SELECT max(id) FROM meter.sessions)",
         );
         let expected: Vec<serde_json::Value> = preview
             .as_array()

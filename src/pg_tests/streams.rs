@@ -152,7 +152,7 @@ mod tests {
     fn plain_insert_into_an_unknown_stream_is_refused() {
         let (code, message) =
             sql_error("INSERT INTO meter.usage (stream, record) VALUES ('nope', '{\"userId\": \"u\"}')").unwrap();
-        assert_eq!(code, PgSqlErrorCode::ERRCODE_FOREIGN_KEY_VIOLATION);
-        assert_eq!(message, "stream \"nope\" does not exist");
+        assert_eq!(code, PgSqlErrorCode::ERRCODE_CHECK_VIOLATION);
+        assert_eq!(message, "no partition of relation \"usage\" found for row");
     }
 }

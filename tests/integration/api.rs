@@ -52,5 +52,10 @@ fn copy_fills_the_inbox_and_checks_stream_names() {
     let mut writer = db.copy_in("COPY meter.usage (stream, record) FROM STDIN").unwrap();
     writeln!(writer, "typo\t{{\"userId\": \"u\"}}").unwrap();
     let err = writer.finish().unwrap_err();
-    assert_eq!(err.as_db_error().unwrap().message(), "stream \"typo\" does not exist");
+    let db_err = err.as_db_error().unwrap();
+    assert_eq!(db_err.message(), "no partition of relation \"usage\" found for row");
+    assert_eq!(
+        db_err.detail(),
+        Some("Partition key of the failing row contains (stream) = (typo).")
+    );
 }

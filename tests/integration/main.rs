@@ -4,8 +4,12 @@
 mod support;
 
 mod api;
+mod concurrency;
+mod crash;
 mod cron;
+mod fuzz;
 mod install;
 mod outbox;
 mod sessions;
+mod upgrade;
 mod worker;

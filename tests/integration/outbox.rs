@@ -155,3 +155,43 @@ fn consume_completed_arrives_when_the_second_consumer_acks() {
         .collect();
     assert_eq!(statuses, ["CONSUME_COMPLETED", "COMPLETED"]);
 }
+
+/// Under NOTIFY queue pressure (at or above `meter_ext.notify_queue_limit` percent
+/// in use; 0 forces it here) a flush rings the doorbell once per chunk with the
+/// range of flush ids, and the outbox still holds every record.
+#[test]
+fn under_queue_pressure_the_doorbell_rings_once_per_chunk_and_nothing_is_lost() {
+    let mut db = fresh_database("it_outbox_pressure");
+    setup(&mut db);
+    expire_all(&mut db);
+    let mut listener = Listener::new("it_outbox_pressure", &["meter_flushed"]);
+    db.batch_execute("SET meter_ext.notify_queue_limit = 0; SET meter_ext.chunk_size = 8")
+        .unwrap();
+    db.query_one("SELECT meter.run_stream('s')", &[]).unwrap();
+    let payloads = listener.until(|p| p.len() >= 3, Duration::from_secs(20));
+    let ids: Vec<i64> = db
+        .query("SELECT id FROM meter.flushed ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 21, "every flushed meter is in the outbox");
+    // 21 meters in chunks of 8: three doorbells covering every flush id, in order.
+    let covered: Vec<(i64, i64, i64)> = payloads
+        .iter()
+        .map(|(_, p)| {
+            assert_eq!(p["queuePressure"], json!(true), "{p}");
+            let range = p["flushIds"].as_array().unwrap();
+            (
+                range[0].as_i64().unwrap(),
+                range[1].as_i64().unwrap(),
+                p["count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(covered.len(), 3, "{payloads:?}");
+    assert_eq!(covered.iter().map(|c| c.2).sum::<i64>(), 21);
+    assert_eq!(covered[0].0, ids[0]);
+    assert_eq!(covered[2].1, ids[20]);
+    assert!(covered.windows(2).all(|w| w[0].1 < w[1].0));
+}

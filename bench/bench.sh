@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# meter_ext benchmark: each workload against a plain-SQL baseline measured in the
+# same run, on the same cluster (SPEC §11). Prints one table.
+#
+#   bench/bench.sh            full run (RECORDS=1000000 USERS=10000 FLUSH_METERS=1000000 MEM_RECORDS=5000000)
+#   bench/bench.sh --check    small run asserting the same meter values as the baseline (make test)
+#
+# Sizes are overridable through those variables; PORT picks the cluster's port.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CHECK=""
+[ "${1:-}" = "--check" ] && CHECK=1
+if [ "$CHECK" ]; then
+    RECORDS=${RECORDS:-20000} USERS=${USERS:-500} FLUSH_METERS=${FLUSH_METERS:-3000}
+    MEM_RECORDS=${MEM_RECORDS:-0} TRIGGER_RECORDS=${TRIGGER_RECORDS:-2000} REALTIME_SECONDS=${REALTIME_SECONDS:-0}
+else
+    RECORDS=${RECORDS:-1000000} USERS=${USERS:-10000} FLUSH_METERS=${FLUSH_METERS:-1000000}
+    MEM_RECORDS=${MEM_RECORDS:-5000000} TRIGGER_RECORDS=${TRIGGER_RECORDS:-100000} REALTIME_SECONDS=${REALTIME_SECONDS:-15}
+fi
+INGEST_BATCH=${INGEST_BATCH:-1000}
+CHUNK_SIZE=${CHUNK_SIZE:-10000}
+
+dir=$(mktemp -d /tmp/meter_ext_bench.XXXXXX)
+chown postgres: "$dir"
+port=${PORT:-$((40000 + RANDOM % 10000))}
+cleanup() {
+    scripts/cluster.sh stop "$dir" >/dev/null 2>&1 || true
+    [ "${KEEP_CLUSTER:-}" ] || rm -rf "$dir"
+}
+trap cleanup EXIT
+scripts/cluster.sh start "$dir" "$port" bench
+# Same settings for meter_ext and the baselines; sized for a 2-core CI machine.
+cat <<CONF | sudo -u postgres tee -a "$dir/data/meter_ext_dev.conf" >/dev/null
+shared_buffers = '1GB'
+max_wal_size = '8GB'
+checkpoint_timeout = '30min'
+synchronous_commit = off
+work_mem = '64MB'
+meter_ext.worker_enabled = off
+CONF
+scripts/cluster.sh stop "$dir" >/dev/null
+sudo -u postgres /usr/lib/postgresql/15/bin/pg_ctl -D "$dir/data" -l "$dir/postgres.log" -w start >/dev/null
+
+PSQL=(psql -h localhost -p "$port" -U postgres -X -q -v ON_ERROR_STOP=1)
+"${PSQL[@]}" -d postgres -c "CREATE DATABASE bench" >/dev/null
+sql() { "${PSQL[@]}" -d bench -At -c "$1"; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+vacuum() { "${PSQL[@]}" -d bench -c "VACUUM ANALYZE $1" >/dev/null; }
+
+echo "==> generating ${RECORDS} records for ${USERS} users (${FLUSH_METERS} meters for the flush)" >&2
+"${PSQL[@]}" -d bench -c "CREATE EXTENSION meter_ext" >/dev/null
+"${PSQL[@]}" -d bench -v records="$RECORDS" -v users="$USERS" -f bench/setup.sql >/dev/null
+sql "ALTER DATABASE bench SET meter_ext.chunk_size = $CHUNK_SIZE" >/dev/null
+
+rows=()
+row() { # workload, ours (s), baseline (s), baseline name, records, target time ratio (ours/baseline at most)
+    rows+=("$(awk -v w="$1" -v o="$2" -v b="$3" -v n="$4" -v r="$5" -v t="$6" 'BEGIN {
+        ratio = o / b
+        printf "| %-34s | %8.2f s | %8.2f s | %-26s | %6.2f× | ≤ %.2f× %s | %10.0f |", w, o, b, n, ratio, t, (ratio <= t ? "✓" : "✗"), r / o }')")
+}
+
+# ---- batch processing ----------------------------------------------------------
+fill_inbox() { sql "INSERT INTO meter.usage (stream, record) SELECT 'bench', record FROM bench.records ORDER BY i" >/dev/null; vacuum meter.usage; }
+reset_meters() {
+    sql "UPDATE meter.meters SET value = CASE WHEN aggregation = 'max' THEN NULL ELSE 0 END, groups = '[]',
+               carry_first = '{}', carry_last = '{}', record_count = 0, first_record_at = NULL, last_record_at = NULL;
+         TRUNCATE meter.dedupe_keys, meter.usage_audit_batches, meter.rejected" >/dev/null
+    vacuum meter.meters
+}
+echo "==> batch processing" >&2
+sql "INSERT INTO bench.inbox (record) SELECT record FROM bench.records ORDER BY i" >/dev/null
+vacuum bench.inbox
+t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
+baseline=$(elapsed "$t0" "$t1")
+
+fill_inbox
+t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
+ours_audit=$(elapsed "$t0" "$t1")
+if [ "$CHECK" ]; then
+    # Same meters as the baseline: value, groups and the carried plan of every meter.
+    mismatches=$(sql "
+        WITH ours AS (
+            SELECT m.user_id, CASE t.name WHEN 'calls' THEN 'call' WHEN 'bytes' THEN 'xfer' ELSE 'conc' END AS kind,
+                   m.value, m.carry_last, m.groups
+              FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id
+              JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench'),
+        theirs AS (
+            SELECT b.user_id, b.kind, b.value, coalesce(b.carry_last, '{}') AS carry_last,
+                   coalesce((SELECT jsonb_agg(jsonb_build_object('key', 'region=' || g.region,
+                                                                 'fields', jsonb_build_object('region', g.region),
+                                                                 'value', g.value) ORDER BY 'region=' || g.region)
+                               FROM bench.meter_groups g WHERE g.user_id = b.user_id AND g.kind = b.kind), '[]') AS groups
+              FROM bench.meters b)
+        SELECT count(*) FROM ours FULL JOIN theirs USING (user_id, kind)
+         WHERE ours.value IS DISTINCT FROM theirs.value OR ours.carry_last IS DISTINCT FROM theirs.carry_last
+            OR ours.groups IS DISTINCT FROM theirs.groups")
+    checked=$(sql "SELECT count(*) FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench' AND m.record_count > 0")
+    verified=$(sql "SELECT count(*) FROM meter.verify_meters('bench') WHERE NOT matches")
+    if [ "$mismatches" != 0 ] || [ "$verified" != 0 ] || [ "$checked" = 0 ]; then
+        echo "bench --check: $mismatches meter(s) differ from the set-based baseline, $verified from their audit (of $checked)" >&2
+        exit 1
+    fi
+    echo "bench --check: all $checked metered meters equal the set-based baseline and their audit" >&2
+fi
+reset_meters
+fill_inbox
+sql "SELECT meter.alter_stream('bench', audit => false)" >/dev/null
+t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
+ours_plain=$(elapsed "$t0" "$t1")
+sql "SELECT meter.alter_stream('bench', audit => true)" >/dev/null
+
+sql "TRUNCATE bench.seen" >/dev/null
+t0=$(now); sql "INSERT INTO bench.trigger_inbox SELECT record FROM bench.records WHERE i <= $TRIGGER_RECORDS" >/dev/null; t1=$(now)
+trigger=$(awk -v s="$(elapsed "$t0" "$t1")" 'BEGIN { printf "%.3f", s * '"$RECORDS"' / '"$TRIGGER_RECORDS"' }')
+
+row "batch run_stream, with audit" "$ours_audit" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
+row "batch run_stream, without audit" "$ours_plain" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
+row "batch run_stream, with audit" "$ours_audit" "$trigger" "per-row trigger (scaled)" "$RECORDS" 0.1
+
+# ---- ingest ----------------------------------------------------------------------
+echo "==> ingest" >&2
+ndjson="$dir/records.ndjson"
+ingest_sql="$dir/ingest.sql"
+sql "COPY (SELECT record FROM bench.records ORDER BY i) TO STDOUT" >"$ndjson"
+awk -v n="$INGEST_BATCH" '
+    (NR - 1) % n == 0 { printf "SELECT count(*) FROM meter.ingest('\''bench_ingest'\'', $j$[%s", $0; next }
+    { printf ",%s", $0 }
+    NR % n == 0 { print "]$j$);" }
+    END { if (NR % n != 0) print "]$j$);" }' "$ndjson" >"$ingest_sql"
+t0=$(now); "${PSQL[@]}" -d bench -c "\\copy bench.copy_target (record) FROM '$ndjson'" >/dev/null; t1=$(now)
+copy=$(elapsed "$t0" "$t1")
+t0=$(now); "${PSQL[@]}" -d bench -f "$ingest_sql" >/dev/null; t1=$(now)
+ingest=$(elapsed "$t0" "$t1")
+queued=$(sql "SELECT count(*) FROM meter.usage WHERE stream = 'bench_ingest'")
+[ "$queued" = "$RECORDS" ] || { echo "ingest queued $queued of $RECORDS records" >&2; exit 1; }
+row "ingest, arrays of $INGEST_BATCH" "$ingest" "$copy" "COPY into a jsonb table" "$RECORDS" 1.25
+sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
+
+# ---- period-end flush ------------------------------------------------------------
+echo "==> period-end flush of $FLUSH_METERS meters" >&2
+sql "SELECT meter.create_stream('bench_flush', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
+sql "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, groups, carry_last, record_count, aggregation,
+                               unit, timezone, period_start, period_end, first_record_at, last_record_at)
+     SELECT s.id, t.id, 'flush-' || i, i % 1000,
+            jsonb_build_array(jsonb_build_object('key', 'region=eu', 'fields', jsonb_build_object('region', 'eu'), 'value', i % 600),
+                              jsonb_build_object('key', 'region=us', 'fields', jsonb_build_object('region', 'us'), 'value', i % 400)),
+            jsonb_build_object('plan', 'pro'), 7, t.aggregation, t.unit, t.timezone,
+            now() - interval '32 days', now() - interval '1 day', now() - interval '20 days', now() - interval '2 days'
+       FROM meter.streams s, meter.meter_types t, generate_series(1, $FLUSH_METERS) i
+      WHERE s.name = 'bench_flush' AND t.name = 'bytes'" >/dev/null
+sql "CREATE TABLE bench.flush_meters AS SELECT m.* FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench_flush'" >/dev/null
+sql "ALTER TABLE bench.flush_meters ADD PRIMARY KEY (id)" >/dev/null
+vacuum meter.meters
+vacuum bench.flush_meters
+t0=$(now); sql "SELECT bench.bare_flush()" >/dev/null; t1=$(now)
+bare=$(elapsed "$t0" "$t1")
+t0=$(now); sql "SELECT status FROM meter.run_stream('bench_flush')" >/dev/null; t1=$(now)
+flush=$(elapsed "$t0" "$t1")
+flushed=$(sql "SELECT count(*) FROM meter.flushed f JOIN meter.streams s ON s.id = f.stream_id WHERE s.name = 'bench_flush'")
+[ "$flushed" = "$FLUSH_METERS" ] || { echo "flushed $flushed of $FLUSH_METERS meters" >&2; exit 1; }
+row "period-end flush (run_stream)" "$flush" "$bare" "UPDATE + INSERT to_jsonb" "$FLUSH_METERS" 1.5
+
+# ---- realtime single-record ingest, 2 clients --------------------------------------
+realtime_rows=()
+if [ "$REALTIME_SECONDS" -gt 0 ]; then
+    echo "==> realtime ingest, 2 clients, ${REALTIME_SECONDS}s each" >&2
+    cat >"$dir/realtime.pgbench" <<'PGB'
+\set u random(0, 9999)
+\set id random(1, 1000000000000)
+SELECT count(*) FROM meter.ingest('bench_realtime', jsonb_build_object('id', :id, 'userId', 'user-' || :u, 'kind', 'call', 'region', 'eu', 'plan', 'pro', 'value', 1));
+PGB
+    cat >"$dir/insert.pgbench" <<'PGB'
+\set u random(0, 9999)
+\set id random(1, 1000000000000)
+INSERT INTO bench.plain_insert VALUES (jsonb_build_object('id', :id, 'userId', 'user-' || :u, 'kind', 'call', 'region', 'eu', 'plan', 'pro', 'value', 1));
+PGB
+    pgbench_run() { # script name -> "calls/s p50_ms p99_ms"
+        (cd "$dir" && sudo -u postgres pgbench -h localhost -p "$port" -U postgres -n -c 2 -j 2 -T "$REALTIME_SECONDS" \
+            -f "$1.pgbench" -l --log-prefix="$1" bench >/dev/null 2>&1)
+        cat "$dir/$1".* | awk '{print $3}' | sort -n | awk -v s="$REALTIME_SECONDS" '
+            { v[NR] = $1 } END { printf "%.0f %.3f %.3f", NR / s, v[int(NR * 0.5)] / 1000, v[int(NR * 0.99)] / 1000 }'
+    }
+    read -r ours_rate ours_p50 ours_p99 <<<"$(pgbench_run realtime)"
+    read -r plain_rate plain_p50 plain_p99 <<<"$(pgbench_run insert)"
+    realtime_rows+=("| realtime ingest, 1 record per call | $ours_rate | $ours_p50 ms | $ours_p99 ms |")
+    realtime_rows+=("| plain single-row INSERT (baseline) | $plain_rate | $plain_p50 ms | $plain_p99 ms |")
+fi
+
+# ---- memory of a run -----------------------------------------------------------------
+memory_rows=()
+if [ "$MEM_RECORDS" -gt 0 ]; then
+    sql "CREATE TABLE bench.big AS SELECT i, record FROM bench.records, generate_series(0, ($MEM_RECORDS - 1) / $RECORDS) k
+          WHERE (k * $RECORDS + i) <= $MEM_RECORDS" >/dev/null
+    for chunk in 1000 ${MEM_CHUNK:-20000}; do
+        echo "==> peak memory of a $MEM_RECORDS-record run, chunk_size $chunk" >&2
+        sql "TRUNCATE meter.dedupe_keys, meter.usage_audit_batches" >/dev/null
+        sql "INSERT INTO meter.usage (stream, record) SELECT 'bench', record FROM bench.big" >/dev/null
+        vacuum meter.usage
+        PGAPPNAME=meter_bench_memory "${PSQL[@]}" -d bench >/dev/null <<SQL &
+SET meter_ext.chunk_size = $chunk;
+CALL meter.execute_stream('bench');
+SQL
+        runner=$!
+        pid=""
+        while [ -z "$pid" ] && kill -0 "$runner" 2>/dev/null; do
+            pid=$(sql "SELECT pid FROM pg_stat_activity WHERE application_name = 'meter_bench_memory'")
+            sleep 0.05
+        done
+        peak=0 start=0
+        while kill -0 "$runner" 2>/dev/null; do
+            kb=$(awk '/^RssAnon/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+            [ "$start" = 0 ] && start=${kb:-0}
+            [ "${kb:-0}" -gt "$peak" ] && peak=$kb
+            sleep 0.02
+        done
+        wait "$runner"
+        memory_rows+=("| $MEM_RECORDS | $chunk | $((start / 1024)) MiB | $((peak / 1024)) MiB |")
+    done
+fi
+
+# ---- the table -------------------------------------------------------------------------
+{
+    echo "meter_ext benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+    echo "PostgreSQL $(sql 'SHOW server_version'), $RECORDS records, $USERS users, 3 meter types, group by region, carry last; chunk_size $CHUNK_SIZE"
+    echo
+    echo "| workload                           |       ours |   baseline | baseline                   |   time  | target (SPEC §11) | records/s  |"
+    echo "|------------------------------------|------------|------------|----------------------------|---------|-------------------|------------|"
+    printf '%s\n' "${rows[@]}"
+    if ((${#realtime_rows[@]})); then
+        echo
+        echo "| realtime, 2 clients, ${REALTIME_SECONDS}s | calls/s | p50 | p99 |"
+        echo "|---|---|---|---|"
+        printf '%s\n' "${realtime_rows[@]}"
+    fi
+    if ((${#memory_rows[@]})); then
+        echo
+        echo "| run of (records) | chunk_size | backend private memory at start | peak |"
+        echo "|---|---|---|---|"
+        printf '%s\n' "${memory_rows[@]}"
+    fi
+} | tee "${RESULTS:-/dev/null}"

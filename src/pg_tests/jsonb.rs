@@ -1,0 +1,85 @@
+//! The binary jsonb reader against PostgreSQL's own text output.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use crate::jsonb::{self, Container, Node, Projection};
+    use crate::record::FieldPath;
+    use pgrx::prelude::*;
+    use serde_json::{json, Value};
+
+    /// (binary read, text parse) of every value a query returns.
+    fn both(query: &str) -> Vec<(Value, Value)> {
+        Spi::connect(|client| {
+            let mut out = Vec::new();
+            for row in client
+                .select(&format!("SELECT v, v::text FROM ({query}) q(v)"), None, &[])
+                .unwrap()
+            {
+                let datum = row.get::<jsonb::RawJsonb>(1).unwrap().unwrap().0;
+                let bytes = unsafe { jsonb::datum_bytes(datum) };
+                let binary = jsonb::to_value(Node::Container(Container::from_varlena(&bytes).unwrap()));
+                let text: Value = serde_json::from_str(&row.get::<String>(2).unwrap().unwrap()).unwrap();
+                out.push((binary, text));
+            }
+            out
+        })
+    }
+
+    #[pg_test]
+    fn binary_reads_equal_text_parses() {
+        let cases = both(
+            r#"VALUES ('{"a": 1, "bb": "x", "c": [1, 2.50, -3e-7, 1e40], "d": {"e": null, "f": true, "g": false}}'::jsonb),
+                      ('[]'), ('{}'), ('"scalar"'), ('42.000'), ('null'), ('true'),
+                      ('{"unicode": "smörgåsbord ✓ 🚀", "escapes": "tab\tquote\"backslash\\"}'),
+                      ('{"big": 123456789012345678901234567890.123456789012345678901234567890}'),
+                      ('[[[[[[1]]]]]]')"#,
+        );
+        for (binary, text) in &cases {
+            assert_eq!(binary, text);
+        }
+        // Long containers use stored offsets every 32 entries; long strings and
+        // many keys exercise the length/offset arithmetic.
+        let generated = both(
+            "SELECT jsonb_build_object(
+                        'arr', (SELECT jsonb_agg(CASE WHEN i % 3 = 0 THEN to_jsonb(i * 1.5) WHEN i % 3 = 1 THEN to_jsonb('s' || repeat('x', i)) ELSE jsonb_build_object('k', i) END) FROM generate_series(1, n) i),
+                        'obj', (SELECT jsonb_object_agg('key' || i, i) FROM generate_series(1, n) i),
+                        'n', n)
+               FROM generate_series(1, 80, 7) n",
+        );
+        assert_eq!(generated.len(), 12);
+        for (binary, text) in &generated {
+            assert_eq!(binary, text);
+        }
+    }
+
+    #[pg_test]
+    fn projections_keep_exactly_the_named_paths() {
+        let paths: Vec<FieldPath> = ["userId", "device.os", "meta", "missing.deep", "scalar.x"]
+            .iter()
+            .map(|p| FieldPath::parse(p).unwrap())
+            .collect();
+        let projection = Projection::of(&paths);
+        let record = json!({"userId": 7, "device": {"os": "ios", "model": "x"}, "meta": {"a": [1, {"b": 2}]}, "scalar": 5, "other": 1});
+        let projected = Spi::connect(|client| {
+            let row = client
+                .select("SELECT $1::jsonb", None, &[pgrx::JsonB(record.clone()).into()])
+                .unwrap()
+                .first()
+                .get::<jsonb::RawJsonb>(1)
+                .unwrap()
+                .unwrap()
+                .0;
+            let bytes = unsafe { jsonb::datum_bytes(row) };
+            projection.apply(Container::from_varlena(&bytes).unwrap())
+        });
+        assert_eq!(
+            projected,
+            json!({"userId": 7, "device": {"os": "ios"}, "meta": {"a": [1, {"b": 2}]}})
+        );
+        for path in &paths {
+            assert_eq!(path.get(&projected), path.get(&record), "{path}");
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Upgrades (SPEC §10): a database created at the first released version (0.1.0)
+//! keeps its data through `ALTER EXTENSION meter_ext UPDATE`, and ends with exactly
+//! the schema a fresh install of the current version has.
+
+use postgres::Client;
+
+use crate::support::connect;
+
+const FIRST_RELEASE: &str = "0.1.0";
+
+fn database_at(name: &str, version: Option<&str>) -> Client {
+    let mut admin = connect("postgres");
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .unwrap();
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let mut db = connect(name);
+    match version {
+        Some(v) => db.batch_execute(&format!("CREATE EXTENSION meter_ext VERSION '{v}'")),
+        None => db.batch_execute("CREATE EXTENSION meter_ext"),
+    }
+    .unwrap();
+    db
+}
+
+/// Everything a user's SQL can see of the extension, one line per object, sorted.
+fn schema_of(db: &mut Client) -> Vec<String> {
+    let query = "
+        SELECT 'function ' || p.oid::regprocedure || ' -> ' || coalesce(pg_get_function_result(p.oid), '(procedure)')
+               || ' ' || p.prokind::text || ' ' || p.provolatile::text || ' secdef=' || p.prosecdef
+               || ' config=' || coalesce(p.proconfig::text, '') || ' acl=' || coalesce(p.proacl::text, '')
+               || ' args=' || coalesce(pg_get_function_arguments(p.oid), '')
+               || ' body=' || md5(coalesce(p.prosrc, '') || coalesce(pg_get_function_sqlbody(p.oid), ''))
+          FROM pg_proc p WHERE p.pronamespace = 'meter'::regnamespace
+        UNION ALL
+        SELECT c.relkind::text || ' ' || c.relname || ' acl=' || coalesce(c.relacl::text, '') || ' options='
+               || coalesce(c.reloptions::text, '')
+          FROM pg_class c WHERE c.relnamespace = 'meter'::regnamespace
+        UNION ALL
+        SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+               || ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+               || ' collation=' || coalesce(nullif(a.attcollation, 0)::regcollation::text, '')
+          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+         WHERE c.relnamespace = 'meter'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'meter'::regnamespace
+        UNION ALL
+        SELECT 'constraint ' || conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+          FROM pg_constraint WHERE connamespace = 'meter'::regnamespace
+        UNION ALL
+        SELECT 'view ' || c.relname || ' ' || md5(pg_get_viewdef(c.oid))
+          FROM pg_class c WHERE c.relnamespace = 'meter'::regnamespace AND c.relkind = 'v'
+        UNION ALL
+        SELECT 'type ' || t.typname FROM pg_type t WHERE t.typnamespace = 'meter'::regnamespace
+        ORDER BY 1";
+    db.query(query, &[])
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.get::<_, Option<String>>(0)
+                .unwrap_or_else(|| "(a NULL line: the query misses a coalesce)".into())
+        })
+        .collect()
+}
+
+#[test]
+fn data_made_at_the_first_release_survives_the_update() {
+    let mut db = database_at("it_upgrade_data", Some(FIRST_RELEASE));
+    db.batch_execute(
+        r#"SELECT meter.create_meter_type('calls', 'sum', '@monthly', 'Europe/Paris', unit => 'calls');
+           SELECT meter.create_stream('api', '[{"name": "all", "meter_type": "calls", "group_by": ["region"]}]',
+                                      auto_create_meters => true);
+           SELECT meter.register_consumer('billing', 'api');
+           SELECT meter.ingest('api', '[{"userId": "acme", "value": 2, "region": "eu", "id": "a"},
+                                       {"userId": "acme", "value": "0.5", "region": "us", "id": "b"},
+                                       {"userId": "zeta", "value": "oops"}]');
+           SELECT meter.run_stream('api');
+           SELECT meter.ingest('api', '{"userId": "acme", "value": 1, "region": "eu", "id": "c"}');"#,
+    )
+    .unwrap();
+    let before: Vec<String> = db
+        .query(
+            "SELECT row(m.user_id, m.value, m.groups, m.period_end)::text FROM meter.meters m
+             UNION ALL SELECT row(s.status, s.records_metered)::text FROM meter.sessions s
+             UNION ALL SELECT row(r.code, r.record)::text FROM meter.rejected r
+             UNION ALL SELECT row(u.stream, u.record)::text FROM meter.usage u
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(before.len(), 5, "{before:?}");
+
+    db.batch_execute("ALTER EXTENSION meter_ext UPDATE").unwrap();
+    let version: String = db
+        .query_one("SELECT extversion FROM pg_extension WHERE extname = 'meter_ext'", &[])
+        .unwrap()
+        .get(0);
+    let current: String = db
+        .query_one(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'meter_ext'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(version, current);
+    assert_ne!(version, FIRST_RELEASE, "the test must cross a version boundary");
+
+    let after: Vec<String> = db
+        .query(
+            "SELECT row(m.user_id, m.value, m.groups, m.period_end)::text FROM meter.meters m
+             UNION ALL SELECT row(s.status, s.records_metered)::text FROM meter.sessions s
+             UNION ALL SELECT row(r.code, r.record)::text FROM meter.rejected r
+             UNION ALL SELECT row(u.stream, u.record)::text FROM meter.usage u
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(after, before);
+
+    // The updated extension goes on working on the old data: the pending record is
+    // metered, a duplicate of a pre-upgrade id still counts once, the audit agrees.
+    db.batch_execute(
+        r#"SELECT meter.ingest('api', '{"userId": "acme", "value": 100, "region": "eu", "id": "a"}');
+           SELECT meter.run_stream('api');"#,
+    )
+    .unwrap();
+    let value: String = db
+        .query_one("SELECT value::text FROM meter.meters WHERE user_id = 'acme'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "3.5");
+    let mismatched: i64 = db
+        .query_one("SELECT count(*) FROM meter.verify_meters() WHERE NOT matches", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(mismatched, 0);
+}
+
+#[test]
+fn an_updated_schema_equals_a_fresh_install() {
+    let mut updated = database_at("it_upgrade_schema_old", Some(FIRST_RELEASE));
+    updated.batch_execute("ALTER EXTENSION meter_ext UPDATE").unwrap();
+    let mut fresh = database_at("it_upgrade_schema_new", None);
+    let (updated, fresh) = (schema_of(&mut updated), schema_of(&mut fresh));
+    assert!(fresh.len() > 100, "the comparison must see the schema: {}", fresh.len());
+    let missing: Vec<&String> = fresh.iter().filter(|l| !updated.contains(l)).collect();
+    let extra: Vec<&String> = updated.iter().filter(|l| !fresh.contains(l)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "the update script misses {missing:#?}\nand leaves {extra:#?}"
+    );
+}
