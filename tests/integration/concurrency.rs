@@ -9,7 +9,7 @@ use std::thread;
 
 use postgres::Client;
 
-use crate::support::{connect, fresh_database};
+use crate::support::{connect, fresh_database, unverified_meters};
 
 const DB: &str = "it_concurrency";
 const WRITERS: i64 = 4;
@@ -134,11 +134,7 @@ fn writers_runs_scans_and_consumers_together_keep_exact_totals() {
         .unwrap()
         .get(0);
     assert_eq!(overlapping, 0);
-    let verified: i64 = db
-        .query_one("SELECT count(*) FROM meter.verify_meters() WHERE NOT matches", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(verified, 0);
+    assert_eq!(unverified_meters(&mut db), 0);
     eprintln!(
         "concurrency: {sent} records per stream from {WRITERS} writers, {} refused concurrent runs",
         refused.load(Ordering::SeqCst)

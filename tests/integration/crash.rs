@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
+use crate::support::unverified_meters;
+
 const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 
 struct Cluster {
@@ -174,11 +176,7 @@ fn a_server_crash_during_execute_stream_loses_nothing_and_counts_nothing_twice()
         .collect();
     assert_eq!(statuses, ["FAILED", "COMPLETED"]);
     assert_eq!(wrong_totals(&mut db), Vec::<String>::new());
-    let unverified: i64 = db
-        .query_one("SELECT count(*) FROM meter.verify_meters() WHERE NOT matches", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(unverified, 0);
+    assert_eq!(unverified_meters(&mut db), 0);
 }
 
 #[test]

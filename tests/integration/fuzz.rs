@@ -8,7 +8,7 @@
 use postgres::Client;
 use serde_json::{json, Map, Value};
 
-use crate::support::fresh_database;
+use crate::support::{fresh_database, unverified_meters};
 
 const CASES: usize = 400;
 
@@ -237,10 +237,6 @@ fn random_and_adversarial_input_ends_in_results_or_clear_errors_and_loses_nothin
         metered > 100 && rejected > 0 && errors > 10,
         "the inputs must reach every path: {metered} {rejected} {errors}"
     );
-    let unverified: i64 = db
-        .query_one("SELECT count(*) FROM meter.verify_meters() WHERE NOT matches", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(unverified, 0);
+    assert_eq!(unverified_meters(&mut db), 0);
     eprintln!("fuzz: {CASES} cases, {queued} records queued, {metered} metered, {rejected} rejected, {duplicate} duplicates, {errors} refused calls");
 }

@@ -26,14 +26,29 @@ pub fn connect(database: &str) -> Client {
 
 /// A new, empty database with meter_ext created in it. Each test uses its own.
 pub fn fresh_database(name: &str) -> Client {
+    fresh_database_at(name, None)
+}
+
+/// As `fresh_database`, with meter_ext at `version` (None: the default version).
+pub fn fresh_database_at(name: &str, version: Option<&str>) -> Client {
     let mut admin = connect("postgres");
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
         .unwrap();
     admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).unwrap();
     let mut client = connect(name);
-    client.batch_execute("CREATE EXTENSION meter_ext").unwrap();
+    let version = version.map(|v| format!(" VERSION '{v}'")).unwrap_or_default();
     client
+        .batch_execute(&format!("CREATE EXTENSION meter_ext{version}"))
+        .unwrap();
+    client
+}
+
+/// Meters whose value differs from the one re-derived from their usage audit.
+pub fn unverified_meters(db: &mut Client) -> i64 {
+    db.query_one("SELECT count(*) FROM meter.verify_meters() WHERE NOT matches", &[])
+        .unwrap()
+        .get(0)
 }
 
 /// A connection that LISTENs and collects notifications as (channel, JSON payload).

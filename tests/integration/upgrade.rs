@@ -4,23 +4,24 @@
 
 use postgres::Client;
 
-use crate::support::connect;
+use crate::support::{fresh_database_at, unverified_meters};
 
 const FIRST_RELEASE: &str = "0.1.0";
 
-fn database_at(name: &str, version: Option<&str>) -> Client {
-    let mut admin = connect("postgres");
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .unwrap();
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    let mut db = connect(name);
-    match version {
-        Some(v) => db.batch_execute(&format!("CREATE EXTENSION meter_ext VERSION '{v}'")),
-        None => db.batch_execute("CREATE EXTENSION meter_ext"),
-    }
-    .unwrap();
-    db
+/// The user data a version change must keep, one line per row, sorted.
+fn data_of(db: &mut Client) -> Vec<String> {
+    db.query(
+        "SELECT row(m.user_id, m.value, m.groups, m.period_end)::text FROM meter.meters m
+         UNION ALL SELECT row(s.status, s.records_metered)::text FROM meter.sessions s
+         UNION ALL SELECT row(r.code, r.record)::text FROM meter.rejected r
+         UNION ALL SELECT row(u.stream, u.record)::text FROM meter.usage u
+         ORDER BY 1",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 /// Everything a user's SQL can see of the extension, one line per object, sorted.
@@ -67,7 +68,7 @@ fn schema_of(db: &mut Client) -> Vec<String> {
 
 #[test]
 fn data_made_at_the_first_release_survives_the_update() {
-    let mut db = database_at("it_upgrade_data", Some(FIRST_RELEASE));
+    let mut db = fresh_database_at("it_upgrade_data", Some(FIRST_RELEASE));
     db.batch_execute(
         r#"SELECT meter.create_meter_type('calls', 'sum', '@monthly', 'Europe/Paris', unit => 'calls');
            SELECT meter.create_stream('api', '[{"name": "all", "meter_type": "calls", "group_by": ["region"]}]',
@@ -80,19 +81,7 @@ fn data_made_at_the_first_release_survives_the_update() {
            SELECT meter.ingest('api', '{"userId": "acme", "value": 1, "region": "eu", "id": "c"}');"#,
     )
     .unwrap();
-    let before: Vec<String> = db
-        .query(
-            "SELECT row(m.user_id, m.value, m.groups, m.period_end)::text FROM meter.meters m
-             UNION ALL SELECT row(s.status, s.records_metered)::text FROM meter.sessions s
-             UNION ALL SELECT row(r.code, r.record)::text FROM meter.rejected r
-             UNION ALL SELECT row(u.stream, u.record)::text FROM meter.usage u
-             ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let before = data_of(&mut db);
     assert_eq!(before.len(), 5, "{before:?}");
 
     db.batch_execute("ALTER EXTENSION meter_ext UPDATE").unwrap();
@@ -110,19 +99,7 @@ fn data_made_at_the_first_release_survives_the_update() {
     assert_eq!(version, current);
     assert_ne!(version, FIRST_RELEASE, "the test must cross a version boundary");
 
-    let after: Vec<String> = db
-        .query(
-            "SELECT row(m.user_id, m.value, m.groups, m.period_end)::text FROM meter.meters m
-             UNION ALL SELECT row(s.status, s.records_metered)::text FROM meter.sessions s
-             UNION ALL SELECT row(r.code, r.record)::text FROM meter.rejected r
-             UNION ALL SELECT row(u.stream, u.record)::text FROM meter.usage u
-             ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let after = data_of(&mut db);
     assert_eq!(after, before);
 
     // The updated extension goes on working on the old data: the pending record is
@@ -137,18 +114,14 @@ fn data_made_at_the_first_release_survives_the_update() {
         .unwrap()
         .get(0);
     assert_eq!(value, "3.5");
-    let mismatched: i64 = db
-        .query_one("SELECT count(*) FROM meter.verify_meters() WHERE NOT matches", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(mismatched, 0);
+    assert_eq!(unverified_meters(&mut db), 0);
 }
 
 #[test]
 fn an_updated_schema_equals_a_fresh_install() {
-    let mut updated = database_at("it_upgrade_schema_old", Some(FIRST_RELEASE));
+    let mut updated = fresh_database_at("it_upgrade_schema_old", Some(FIRST_RELEASE));
     updated.batch_execute("ALTER EXTENSION meter_ext UPDATE").unwrap();
-    let mut fresh = database_at("it_upgrade_schema_new", None);
+    let mut fresh = fresh_database_at("it_upgrade_schema_new", None);
     let (updated, fresh) = (schema_of(&mut updated), schema_of(&mut fresh));
     assert!(fresh.len() > 100, "the comparison must see the schema: {}", fresh.len());
     let missing: Vec<&String> = fresh.iter().filter(|l| !updated.contains(l)).collect();
