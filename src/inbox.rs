@@ -141,6 +141,7 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
         .unwrap_or(0)
     };
     let raw = || jsonb::RawJsonb(batch.datum);
+    let rejected = rejected_at.len() as i64;
     if !rejected_at.is_empty() {
         sql::execute(
             &format!(
@@ -162,14 +163,14 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
             &format!(
                 "INSERT INTO meter.usage (stream, record) SELECT $1, e.record FROM {ELEMENTS} WHERE e.n <> ALL ($3)"
             ),
-            &[stream.name.as_str().into(), raw().into(), rejected_at.clone().into()],
+            &[stream.name.as_str().into(), raw().into(), rejected_at.into()],
         )?;
     }
     let duplicates = repeated + already_metered;
     Ok(Ingested {
         accepted: queued - duplicates,
         duplicates,
-        rejected: rejected_at.len() as i64,
+        rejected,
     })
 }
 

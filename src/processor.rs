@@ -908,25 +908,29 @@ struct MeterAudit {
     record_ats: String,
 }
 
-/// Appends an element to the text of an array (its inside, without braces).
-fn push_element(array: &mut String, element: Option<&str>, quoted: bool) {
+/// Starts the next element of an array's text (its inside, without braces).
+fn next_element(array: &mut String) -> &mut String {
     if !array.is_empty() {
         array.push(',');
     }
-    match element {
-        None => array.push_str("NULL"),
-        Some(text) if !quoted => array.push_str(text),
-        Some(text) => {
-            array.push('"');
-            for c in text.chars() {
-                if c == '"' || c == '\\' {
-                    array.push('\\');
-                }
-                array.push(c);
-            }
-            array.push('"');
+    array
+}
+
+/// Appends an element, quoted as array input reads it back; `None` is NULL.
+fn push_quoted(array: &mut String, element: Option<&str>) {
+    let array = next_element(array);
+    let Some(text) = element else {
+        array.push_str("NULL");
+        return;
+    };
+    array.push('"');
+    for c in text.chars() {
+        if c == '"' || c == '\\' {
+            array.push('\\');
         }
+        array.push(c);
     }
+    array.push('"');
 }
 
 impl AuditRows {
@@ -935,24 +939,25 @@ impl AuditRows {
     }
 
     fn push(&mut self, slot: &Slot, input: &Input, item: &Taken, value: &BigDecimal) {
+        use std::fmt::Write;
         let entry = self.by_meter.entry(slot.id).or_insert_with(|| MeterAudit {
             user_id: item.key.1.clone(),
             period_start: Some(to_timestamptz(slot.period_start)),
             ..MeterAudit::default()
         });
-        push_element(
-            &mut entry.usage_ids,
-            input.usage_id.map(|id| id.to_string()).as_deref(),
-            false,
-        );
-        push_element(&mut entry.record_ids, item.record_id.as_deref(), true);
-        push_element(&mut entry.rules, Some(&item.rule.name), true);
-        push_element(&mut entry.amounts, Some(&value.to_plain_string()), false);
-        push_element(
-            &mut entry.record_ats,
-            Some(&crate::convert::timestamptz_literal(item.at)),
-            true,
-        );
+        // Written in place: this runs once per metered record.
+        let usage_ids = next_element(&mut entry.usage_ids);
+        match input.usage_id {
+            Some(id) => write!(usage_ids, "{id}").expect("writing to a String cannot fail"),
+            None => usage_ids.push_str("NULL"),
+        }
+        push_quoted(&mut entry.record_ids, item.record_id.as_deref());
+        push_quoted(&mut entry.rules, Some(&item.rule.name));
+        next_element(&mut entry.amounts).push_str(&value.to_plain_string());
+        let record_ats = next_element(&mut entry.record_ats);
+        record_ats.push('"');
+        crate::convert::write_timestamptz_literal(record_ats, item.at);
+        record_ats.push('"');
         self.rows += 1;
     }
 
