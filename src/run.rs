@@ -67,6 +67,12 @@ pub fn begin(stream_name: &str, run_type: RunType, wait: bool, chunked: bool) ->
     loop {
         if let Some((id, status, pid, alive)) = sessions::working_run(stream.id)? {
             if !alive {
+                // Read again under the session's row lock: the run may have ended
+                // after this statement's snapshot was taken (its backend is idle
+                // because it is done), and then there is nothing to fail.
+                if !sessions::load(id, true)?.status.is_working() {
+                    continue;
+                }
                 let pid = pid.map_or("unknown".to_string(), |p| p.to_string());
                 sessions::transition(
                     id,
