@@ -25,20 +25,24 @@ pub struct Ingested {
 
 /// The `records` argument of `ingest`: one object, or an array of them, as the
 /// binary jsonb PostgreSQL parsed it. Anything but an object inside the array is a
-/// rejected record, not an error: the caller's other records still count.
-pub struct Batch {
-    /// The argument itself, for the statements that insert its elements.
+/// rejected record, not an error: the caller's other records still count. The
+/// bytes are read in place (detoasted once, never copied), and records are walked
+/// one at a time, so a large array costs little more than PostgreSQL's own copy.
+pub struct Batch<'a> {
+    /// The argument, detoasted, for the statements that insert its elements (the
+    /// original may be a toast pointer each statement would detoast again).
     datum: pg_sys::Datum,
-    bytes: Vec<u8>,
+    bytes: &'a [u8],
 }
 
-impl Batch {
+impl<'a> Batch<'a> {
     /// # Safety
     /// `datum` must be a valid jsonb datum that outlives the `Batch`.
-    pub unsafe fn new(datum: pg_sys::Datum) -> Result<Batch> {
+    pub unsafe fn new(datum: pg_sys::Datum) -> Result<Batch<'a>> {
+        let bytes = jsonb::datum_slice(datum);
         let batch = Batch {
-            datum,
-            bytes: jsonb::datum_bytes(datum),
+            datum: pg_sys::Datum::from(bytes.as_ptr()),
+            bytes,
         };
         let root = batch.root();
         if root.is_scalar() {
@@ -55,22 +59,29 @@ impl Batch {
         Ok(batch)
     }
 
-    fn root(&self) -> Container<'_> {
-        Container::from_varlena(&self.bytes).expect("a jsonb datum has a root container")
+    fn root(&self) -> Container<'a> {
+        Container::from_varlena(self.bytes).expect("a jsonb datum has a root container")
     }
 
-    fn elements(&self) -> Vec<Node<'_>> {
+    /// The records, in order, without materializing them.
+    fn elements(&self) -> impl Iterator<Item = Node<'a>> {
         let root = self.root();
-        if root.is_object() {
-            vec![Node::Container(root)]
-        } else {
-            root.elements().collect()
-        }
+        let single = root.is_object().then_some(Node::Container(root));
+        single.into_iter().chain(root.elements())
+    }
+
+    /// Every record, whole, in chunks of at most `size` (at least 1).
+    pub fn chunks(&self, size: usize) -> impl Iterator<Item = Vec<Value>> + '_ {
+        let mut elements = self.elements().peekable();
+        std::iter::from_fn(move || {
+            elements.peek()?;
+            Some(elements.by_ref().take(size.max(1)).map(jsonb::to_value).collect())
+        })
     }
 
     /// Every record, whole.
     pub fn values(&self) -> Vec<Value> {
-        self.elements().into_iter().map(jsonb::to_value).collect()
+        self.elements().map(jsonb::to_value).collect()
     }
 }
 
@@ -105,7 +116,7 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     let mut ids_in_batch: HashSet<String> = HashSet::new();
     let (mut queued, mut repeated) = (0i64, 0i64);
     let (mut rejected_at, mut codes, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
-    for (index, node) in batch.elements().into_iter().enumerate() {
+    for (index, node) in batch.elements().enumerate() {
         let record = match node {
             Node::Container(c) if c.is_object() && !c.is_scalar() => checked.apply(c),
             other => jsonb::to_value(other),
@@ -126,22 +137,41 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
             }
         }
     }
-    let already_metered = if ids_in_batch.is_empty() {
-        0
-    } else {
-        let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
-        sql::one::<i64>(
-            "SELECT count(*) FROM meter.dedupe_keys WHERE stream_id = $1 AND record_id = ANY($2) AND seen_at >= $3",
-            &[
-                stream.id.into(),
-                ids_in_batch.into_iter().collect::<Vec<_>>().into(),
-                forget_before.into(),
-            ],
-        )?
-        .unwrap_or(0)
-    };
+    // Checked a chunk of ids at a time, each chunk's arguments freed after it: a
+    // single query with every id of a large array costs far more memory.
+    let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
+    let ids: Vec<String> = ids_in_batch.into_iter().collect();
+    let mut already_metered = 0;
+    for chunk in ids.chunks(usize::try_from(gucs::chunk_size()).unwrap_or(usize::MAX)) {
+        already_metered += sql::in_chunk_context(|| {
+            sql::one::<i64>(
+                "SELECT count(*) FROM meter.dedupe_keys WHERE stream_id = $1 AND record_id = ANY($2) AND seen_at >= $3",
+                &[stream.id.into(), chunk.to_vec().into(), forget_before.into()],
+            )
+        })?
+        .unwrap_or(0);
+    }
     let raw = || jsonb::RawJsonb(batch.datum);
     let rejected = rejected_at.len() as i64;
+    sql::with_generic_plans(|| insert_elements(stream, raw, rejected_at, codes, reasons, queued > 0))?;
+    let duplicates = repeated + already_metered;
+    Ok(Ingested {
+        accepted: queued - duplicates,
+        duplicates,
+        rejected,
+    })
+}
+
+/// Writes a batch's rejected elements to `meter.rejected` and, if `queue_rest`,
+/// the others to the inbox, straight from the argument (`raw`).
+fn insert_elements(
+    stream: &Stream,
+    raw: impl Fn() -> jsonb::RawJsonb,
+    rejected_at: Vec<i64>,
+    codes: Vec<String>,
+    reasons: Vec<String>,
+    queue_rest: bool,
+) -> Result<()> {
     if !rejected_at.is_empty() {
         sql::execute(
             &format!(
@@ -158,7 +188,7 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
             ],
         )?;
     }
-    if queued > 0 {
+    if queue_rest {
         sql::execute(
             &format!(
                 "INSERT INTO meter.usage (stream, record) SELECT $1, e.record FROM {ELEMENTS} WHERE e.n <> ALL ($3)"
@@ -166,12 +196,7 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
             &[stream.name.as_str().into(), raw().into(), rejected_at.into()],
         )?;
     }
-    let duplicates = repeated + already_metered;
-    Ok(Ingested {
-        accepted: queued - duplicates,
-        duplicates,
-        rejected,
-    })
+    Ok(())
 }
 
 /// Takes the next chunk of a stream's pending records out of the inbox, oldest

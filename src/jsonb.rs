@@ -299,6 +299,17 @@ pub unsafe fn datum_bytes(datum: pg_sys::Datum) -> Vec<u8> {
     bytes
 }
 
+/// A jsonb datum's bytes (detoasted) where they are: in the datum itself, or in
+/// the detoasted copy PostgreSQL makes in the current memory context.
+///
+/// # Safety
+/// `datum` must be a valid, non-null jsonb datum, and the slice must not outlive
+/// it or the current memory context.
+pub unsafe fn datum_slice<'a>(datum: pg_sys::Datum) -> &'a [u8] {
+    let detoasted = pg_sys::pg_detoast_datum(datum.cast_mut_ptr::<pg_sys::varlena>());
+    std::slice::from_raw_parts(detoasted as *const u8, varsize(detoasted))
+}
+
 /// VARSIZE of a 4-byte-header varlena (what pg_detoast_datum returns).
 unsafe fn varsize(ptr: *const pg_sys::varlena) -> usize {
     let header = u32::from_ne_bytes(*(ptr as *const [u8; 4]));

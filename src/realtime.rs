@@ -53,8 +53,7 @@ pub fn ingest(stream: &Stream, batch: &Batch) -> Result<Ingested> {
         return inbox::queue(stream, batch);
     }
     let now = transaction_now();
-    let inputs: Vec<Input> = batch.values().into_iter().map(Input::new).collect();
-    let counts = meter(stream, session_id, now, &inputs)?;
+    let counts = meter(stream, session_id, now, Some(batch))?;
     Ok(Ingested {
         accepted: counts.metered,
         duplicates: counts.duplicates,
@@ -65,24 +64,38 @@ pub fn ingest(stream: &Stream, batch: &Batch) -> Result<Ingested> {
 /// Meters records now: first whatever waits in the inbox (queued while paused),
 /// then `inputs`, each user's expired meters flushed first so usage lands in the
 /// current period. Counts go to the session's per-backend counters.
-fn meter(stream: &Stream, session_id: i64, now: Timestamp, inputs: &[Input]) -> Result<Counts> {
+/// `batch`, if any, is metered in chunks of `meter_ext.chunk_size` records too, so
+/// a large array holds only one chunk's records in Rust at a time.
+fn meter(stream: &Stream, session_id: i64, now: Timestamp, batch: Option<&Batch>) -> Result<Counts> {
     let mut processor = Processor::new(stream, Mode::Apply, Some(session_id), now)?;
     let projection = stream.projection();
     let mut counts = Counts::default();
     let mut flushed = 0;
     let mut after = 0;
     loop {
-        let waiting = inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection)?;
-        if waiting.is_empty() {
+        let (taken, chunk_counts, chunk_flushed) = sql::in_chunk_context(|| -> Result<(usize, Counts, i64)> {
+            let waiting = inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection)?;
+            if waiting.is_empty() {
+                return Ok((0, Counts::default(), 0));
+            }
+            after = inbox::last_id(&waiting, after);
+            let flushed = flush_users(stream, session_id, now, &waiting)?;
+            Ok((waiting.len(), Counts::of(&processor.process(&waiting)?), flushed))
+        })?;
+        if taken == 0 {
             break;
         }
-        after = inbox::last_id(&waiting, after);
-        flushed += flush_users(stream, session_id, now, &waiting)?;
-        counts.add(Counts::of(&processor.process(&waiting)?));
+        counts.add(chunk_counts);
+        flushed += chunk_flushed;
     }
-    if !inputs.is_empty() {
-        flushed += flush_users(stream, session_id, now, inputs)?;
-        counts.add(Counts::of(&processor.process(inputs)?));
+    let chunk_size = usize::try_from(gucs::chunk_size()).unwrap_or(usize::MAX);
+    for records in batch.into_iter().flat_map(|b| b.chunks(chunk_size)) {
+        let inputs: Vec<Input> = records.into_iter().map(Input::new).collect();
+        sql::in_chunk_context(|| -> Result<()> {
+            flushed += flush_users(stream, session_id, now, &inputs)?;
+            counts.add(Counts::of(&processor.process(&inputs)?));
+            Ok(())
+        })?;
     }
     sessions::count_concurrently(session_id, counts, flushed)?;
     Ok(counts)
@@ -113,7 +126,7 @@ fn flush_users(stream: &Stream, session_id: i64, now: Timestamp, inputs: &[Input
 pub fn resume(stream: &Stream) -> Result<i64> {
     let id = sessions::working_session_of(&stream.name)?;
     sessions::transition(id, Status::Running, None)?;
-    meter(stream, id, transaction_now(), &[])?;
+    meter(stream, id, transaction_now(), None)?;
     Ok(id)
 }
 
@@ -169,7 +182,7 @@ pub fn scan(stream: &Stream) -> Result<Scanned> {
     let paused = current.is_some_and(|(_, status)| status == Status::Paused);
     let metered = if !paused && inbox::has_pending(&stream.name)? {
         let (id, _) = session(stream)?;
-        meter(stream, id, now, &[])?.metered
+        meter(stream, id, now, None)?.metered
     } else {
         0
     };

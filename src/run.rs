@@ -198,7 +198,7 @@ pub fn to_end(id: i64) -> Result<()> {
             process_all(&session)?;
             continue;
         }
-        match step(id)? {
+        match sql::in_chunk_context(|| step(id))? {
             Step::Done => return Ok(()),
             Step::More => {}
             // A run in one transaction cannot be paused by others: they do not see it.
@@ -215,13 +215,13 @@ fn process_all(session: &Session) -> Result<()> {
     let projection = stream.projection();
     let mut after = session.inbox_position;
     loop {
-        let chunk = inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection)?;
+        let chunk = sql::in_chunk_context(|| inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection))?;
         if chunk.is_empty() {
             break;
         }
         after = inbox::last_id(&chunk, after);
-        let counts = Counts::of(&processor.process(&chunk)?);
-        sessions::count(session.id, counts, 0)?;
+        let counts = sql::in_chunk_context(|| processor.process(&chunk))?;
+        sessions::count(session.id, Counts::of(&counts), 0)?;
     }
     processor.finish()?;
     start_closing(session.id)

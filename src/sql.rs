@@ -34,6 +34,38 @@ pub fn with_fresh_plans<R>(f: impl FnOnce() -> R) -> R {
     result
 }
 
+/// Runs `f` with PostgreSQL's allocations (statement arguments, converted
+/// datums) going to a memory context deleted when it returns, so a long call (a
+/// one-transaction run, a large realtime array) holds one chunk's worth, not every
+/// chunk's until it ends. `f` must not keep anything palloc'd past its return:
+/// what it keeps is Rust data.
+pub fn in_chunk_context<R>(f: impl FnOnce() -> R) -> R {
+    let mut context = pgrx::PgMemoryContexts::new("meter_ext chunk");
+    // SAFETY: the context is valid until dropped, after `f` returns.
+    unsafe { context.switch_to(|_| f()) }
+}
+
+/// Runs `f` with cached statements executed from generic plans. A custom plan
+/// folds each argument into the plan as a constant, copying it: for the
+/// statements that take a whole `ingest` array, one copy of the array each.
+pub fn with_generic_plans<R>(f: impl FnOnce() -> R) -> R {
+    /// Puts the setting back however `f` ends (an ERROR unwinds through here).
+    struct Restore(std::ffi::c_int);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: a backend-global GUC variable, written only by this thread.
+            unsafe { pg_sys::plan_cache_mode = self.0 }
+        }
+    }
+    // SAFETY: as above.
+    let _restore = unsafe {
+        let restore = Restore(pg_sys::plan_cache_mode);
+        pg_sys::plan_cache_mode = pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int;
+        restore
+    };
+    f()
+}
+
 /// Runs `query` (read-write) from its cached plan, or planned afresh inside
 /// `with_fresh_plans`.
 pub fn run<'conn>(

@@ -69,6 +69,30 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_large_array_is_metered_in_chunks_as_one_call() {
+        realtime();
+        run("SET LOCAL meter_ext.chunk_size = 2");
+        // Seven records over four chunks: a duplicate id in a later chunk, a
+        // rejection in the middle, and `latest` taking the last value in order.
+        let records = json!([
+            {"id": "a", "userId": "u", "value": 1},
+            {"id": "b", "userId": "u", "value": 2},
+            {"id": "a", "userId": "u", "value": 9},
+            {"id": "c", "userId": "u", "value": "x"},
+            {"id": "d", "userId": "v", "value": 4},
+            {"id": "e", "userId": "u", "value": 5},
+            "not an object"
+        ]);
+        assert_eq!(ingest(records), (4, 1, 2));
+        assert_eq!(
+            sql_text("SELECT string_agg(user_id || '=' || value, ',' ORDER BY user_id) FROM meter.meters").as_deref(),
+            Some("u=5,v=4")
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.rejected"), 2);
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage_audit"), 4);
+    }
+
+    #[pg_test]
     fn paused_records_wait_and_are_metered_in_order_on_resume() {
         realtime();
         ingest(json!({"userId": "u", "value": 1, "timestamp": "2026-01-01T00:00:00Z"}));

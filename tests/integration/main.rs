@@ -9,6 +9,7 @@ mod crash;
 mod cron;
 mod fuzz;
 mod install;
+mod limits;
 mod outbox;
 mod sessions;
 mod upgrade;
