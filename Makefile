@@ -14,7 +14,7 @@ RUN_DB      := meter_demo
 PSQL_RUN    := psql -h localhost -p $(RUN_PORT) -U postgres
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run stop test setup install unit-test pg-test integration-test bench bench-check clean
+.PHONY: run stop test setup install examples-setup unit-test pg-test integration-test bench bench-check clean
 
 setup:
 	@scripts/setup.sh
@@ -52,8 +52,12 @@ pg-test:
 
 # Against a real cluster with meter_ext and pg_cron preloaded: commits, NOTIFY,
 # the background worker, pg_cron, crashes and concurrency.
-integration-test: install
+integration-test: install examples-setup
 	@scripts/integration.sh
+
+# psycopg 3 and node-postgres for the client examples the integration tests run.
+examples-setup:
+	@scripts/examples-setup.sh
 
 # The benchmark (SPEC §11): every workload against a plain-SQL baseline in one run.
 bench: install
