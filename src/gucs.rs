@@ -107,6 +107,11 @@ pub fn chunk_size() -> i64 {
     CHUNK_SIZE.get() as i64
 }
 
+/// `chunk_size` as a length (the setting is at least 1).
+pub fn chunk_len() -> usize {
+    CHUNK_SIZE.get() as usize
+}
+
 pub fn database() -> String {
     DATABASE
         .get()

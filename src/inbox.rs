@@ -72,10 +72,10 @@ impl<'a> Batch<'a> {
 
     /// Every record, whole, in chunks of at most `size` (at least 1).
     pub fn chunks(&self, size: usize) -> impl Iterator<Item = Vec<Value>> + '_ {
-        let mut elements = self.elements().peekable();
+        let mut elements = self.elements().map(jsonb::to_value);
         std::iter::from_fn(move || {
-            elements.peek()?;
-            Some(elements.by_ref().take(size.max(1)).map(jsonb::to_value).collect())
+            let chunk: Vec<Value> = elements.by_ref().take(size).collect();
+            (!chunk.is_empty()).then_some(chunk)
         })
     }
 
@@ -142,7 +142,7 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
     let ids: Vec<String> = ids_in_batch.into_iter().collect();
     let mut already_metered = 0;
-    for chunk in ids.chunks(usize::try_from(gucs::chunk_size()).unwrap_or(usize::MAX)) {
+    for chunk in ids.chunks(gucs::chunk_len()) {
         already_metered += sql::in_chunk_context(|| {
             sql::one::<i64>(
                 "SELECT count(*) FROM meter.dedupe_keys WHERE stream_id = $1 AND record_id = ANY($2) AND seen_at >= $3",
@@ -151,52 +151,42 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
         })?
         .unwrap_or(0);
     }
-    let raw = || jsonb::RawJsonb(batch.datum);
     let rejected = rejected_at.len() as i64;
-    sql::with_generic_plans(|| insert_elements(stream, raw, rejected_at, codes, reasons, queued > 0))?;
+    // Generic plans: a custom plan would copy the whole argument into each plan.
+    sql::with_generic_plans(|| -> Result<()> {
+        let raw = || jsonb::RawJsonb(batch.datum);
+        if !rejected_at.is_empty() {
+            sql::execute(
+                &format!(
+                    "INSERT INTO meter.rejected (stream, record, code, reason)
+                     SELECT $1, e.record, r.code, r.reason
+                       FROM {ELEMENTS} JOIN unnest($3::bigint[], $4::text[], $5::text[]) AS r(n, code, reason) USING (n)"
+                ),
+                &[
+                    stream.name.as_str().into(),
+                    raw().into(),
+                    rejected_at.clone().into(),
+                    codes.into(),
+                    reasons.into(),
+                ],
+            )?;
+        }
+        if queued > 0 {
+            sql::execute(
+                &format!(
+                    "INSERT INTO meter.usage (stream, record) SELECT $1, e.record FROM {ELEMENTS} WHERE e.n <> ALL ($3)"
+                ),
+                &[stream.name.as_str().into(), raw().into(), rejected_at.into()],
+            )?;
+        }
+        Ok(())
+    })?;
     let duplicates = repeated + already_metered;
     Ok(Ingested {
         accepted: queued - duplicates,
         duplicates,
         rejected,
     })
-}
-
-/// Writes a batch's rejected elements to `meter.rejected` and, if `queue_rest`,
-/// the others to the inbox, straight from the argument (`raw`).
-fn insert_elements(
-    stream: &Stream,
-    raw: impl Fn() -> jsonb::RawJsonb,
-    rejected_at: Vec<i64>,
-    codes: Vec<String>,
-    reasons: Vec<String>,
-    queue_rest: bool,
-) -> Result<()> {
-    if !rejected_at.is_empty() {
-        sql::execute(
-            &format!(
-                "INSERT INTO meter.rejected (stream, record, code, reason)
-                 SELECT $1, e.record, r.code, r.reason
-                   FROM {ELEMENTS} JOIN unnest($3::bigint[], $4::text[], $5::text[]) AS r(n, code, reason) USING (n)"
-            ),
-            &[
-                stream.name.as_str().into(),
-                raw().into(),
-                rejected_at.clone().into(),
-                codes.into(),
-                reasons.into(),
-            ],
-        )?;
-    }
-    if queue_rest {
-        sql::execute(
-            &format!(
-                "INSERT INTO meter.usage (stream, record) SELECT $1, e.record FROM {ELEMENTS} WHERE e.n <> ALL ($3)"
-            ),
-            &[stream.name.as_str().into(), raw().into(), rejected_at.into()],
-        )?;
-    }
-    Ok(())
 }
 
 /// Takes the next chunk of a stream's pending records out of the inbox, oldest

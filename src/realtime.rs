@@ -71,31 +71,26 @@ fn meter(stream: &Stream, session_id: i64, now: Timestamp, batch: Option<&Batch>
     let projection = stream.projection();
     let mut counts = Counts::default();
     let mut flushed = 0;
+    // Each chunk's PostgreSQL allocations are freed after it.
+    let mut meter_chunk = |inputs: &[Input]| {
+        sql::in_chunk_context(|| -> Result<()> {
+            flushed += flush_users(stream, session_id, now, inputs)?;
+            counts.add(Counts::of(&processor.process(inputs)?));
+            Ok(())
+        })
+    };
     let mut after = 0;
     loop {
-        let (taken, chunk_counts, chunk_flushed) = sql::in_chunk_context(|| -> Result<(usize, Counts, i64)> {
-            let waiting = inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection)?;
-            if waiting.is_empty() {
-                return Ok((0, Counts::default(), 0));
-            }
-            after = inbox::last_id(&waiting, after);
-            let flushed = flush_users(stream, session_id, now, &waiting)?;
-            Ok((waiting.len(), Counts::of(&processor.process(&waiting)?), flushed))
-        })?;
-        if taken == 0 {
+        let waiting =
+            sql::in_chunk_context(|| inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection))?;
+        if waiting.is_empty() {
             break;
         }
-        counts.add(chunk_counts);
-        flushed += chunk_flushed;
+        after = inbox::last_id(&waiting, after);
+        meter_chunk(&waiting)?;
     }
-    let chunk_size = usize::try_from(gucs::chunk_size()).unwrap_or(usize::MAX);
-    for records in batch.into_iter().flat_map(|b| b.chunks(chunk_size)) {
-        let inputs: Vec<Input> = records.into_iter().map(Input::new).collect();
-        sql::in_chunk_context(|| -> Result<()> {
-            flushed += flush_users(stream, session_id, now, &inputs)?;
-            counts.add(Counts::of(&processor.process(&inputs)?));
-            Ok(())
-        })?;
+    for records in batch.into_iter().flat_map(|b| b.chunks(gucs::chunk_len())) {
+        meter_chunk(&records.into_iter().map(Input::new).collect::<Vec<_>>())?;
     }
     sessions::count_concurrently(session_id, counts, flushed)?;
     Ok(counts)

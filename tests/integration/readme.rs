@@ -87,7 +87,7 @@ fn normalize(line: &str) -> Option<String> {
 }
 
 fn mask(text: &str) -> String {
-    let times = regex_lite(text);
+    let times = mask_times(text);
     let mut out = String::new();
     let mut rest = times.as_str();
     while let Some(at) = rest.find("PID ") {
@@ -101,7 +101,7 @@ fn mask(text: &str) -> String {
 
 /// Replaces timestamps (`2026-11-22 10:56:10.64344+00`, `2026-11-22T10:23:32.621Z`,
 /// `2026-12-01 00:00:00`) with `<time>`.
-fn regex_lite(text: &str) -> String {
+fn mask_times(text: &str) -> String {
     let bytes = text.as_bytes();
     let digits =
         |from: usize, n: usize| from + n <= bytes.len() && bytes[from..from + n].iter().all(u8::is_ascii_digit);
