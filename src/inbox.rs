@@ -119,7 +119,8 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     for (index, node) in batch.elements().enumerate() {
         let record = match node {
             Node::Container(c) if c.is_object() && !c.is_scalar() => checked.apply(c),
-            other => jsonb::to_value(other),
+            // Rejected as not an object; stored from the argument, intact.
+            other => jsonb::shallow_value(other),
         };
         match extract(&record, fields, &clock) {
             Ok(extracted) => {

@@ -185,8 +185,14 @@ fn numeric_text(varlena: &[u8]) -> Option<String> {
     }
 }
 
-/// A node as a serde value (whole subtree).
+/// A node as a serde value (whole subtree). Each level checks PostgreSQL's stack
+/// depth limit: jsonb nests as deep as its parser allowed, and a recursion that
+/// ran past the stack would take the backend down instead of raising an error.
 pub fn to_value(node: Node) -> Value {
+    if matches!(node, Node::Container(_)) {
+        // SAFETY: raises an ordinary ERROR (54001), which pgrx turns into an unwind.
+        unsafe { pg_sys::check_stack_depth() };
+    }
     match node {
         Node::Null => Value::Null,
         Node::Bool(b) => Value::Bool(b),
@@ -201,6 +207,17 @@ pub fn to_value(node: Node) -> Value {
                 .collect::<Map<_, _>>(),
         ),
         Node::Container(c) => Value::Array(c.elements().map(to_value).collect()),
+    }
+}
+
+/// A node reduced to its kind, containers left empty: enough to reject a record
+/// that is not an object, without reading (or recursing into) what it holds.
+pub fn shallow_value(node: Node) -> Value {
+    match node {
+        Node::Container(c) if c.is_scalar() => c.elements().next().map_or(Value::Null, to_value),
+        Node::Container(c) if c.is_object() => Value::Object(Map::new()),
+        Node::Container(_) => Value::Array(Vec::new()),
+        scalar => to_value(scalar),
     }
 }
 

@@ -93,6 +93,32 @@ mod tests {
     }
 
     #[pg_test]
+    fn deeply_nested_input_is_rejected_or_refused_never_a_crash() {
+        realtime();
+        run(r#"SELECT meter.create_stream('b', '[{"name": "all", "meter_type": "calls"}]')"#);
+        let deep = "repeat('[', 10000) || repeat(']', 10000)";
+        // A batch stream rejects it (not an object) without reading inside it, and
+        // keeps it intact.
+        assert_eq!(
+            sql_text(&format!(
+                r#"SELECT format('%s %s %s', accepted, duplicates, rejected)
+                     FROM meter.ingest('b', ('[{{"userId": "u", "value": 1}}, ' || {deep} || ']')::jsonb)"#
+            ))
+            .as_deref(),
+            Some("1 0 1")
+        );
+        assert_eq!(sql_i64("SELECT length(record::text) FROM meter.rejected"), 20000);
+        // A realtime stream reads whole records: past the stack depth limit, an
+        // error rather than a backend overrunning its stack.
+        let (code, message) = sql_error(&format!(
+            r#"SELECT meter.ingest('rt', ('{{"userId": "u", "value": 1, "deep": ' || {deep} || '}}')::jsonb)"#
+        ))
+        .expect("an error");
+        assert_eq!(code, PgSqlErrorCode::ERRCODE_STATEMENT_TOO_COMPLEX);
+        assert!(message.contains("stack depth"), "{message}");
+    }
+
+    #[pg_test]
     fn paused_records_wait_and_are_metered_in_order_on_resume() {
         realtime();
         ingest(json!({"userId": "u", "value": 1, "timestamp": "2026-01-01T00:00:00Z"}));
