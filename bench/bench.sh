@@ -21,6 +21,9 @@ fi
 INGEST_BATCH=${INGEST_BATCH:-1000}
 CHUNK_SIZE=${CHUNK_SIZE:-10000}
 
+started=$(date +%s)
+# Progress goes to stderr with the minutes and seconds since the start.
+say() { local s=$(($(date +%s) - started)); printf '==> [%02d:%02d] %s\n' $((s / 60)) $((s % 60)) "$*" >&2; }
 dir=$(mktemp -d /tmp/meter_ext_bench.XXXXXX)
 chown postgres: "$dir"
 port=${PORT:-$((40000 + RANDOM % 10000))}
@@ -38,6 +41,9 @@ checkpoint_timeout = '30min'
 synchronous_commit = off
 work_mem = '64MB'
 meter_ext.worker_enabled = off
+# Every table is vacuumed and analyzed between workloads instead: an autovacuum
+# in the middle of a timed workload would charge one side for it.
+autovacuum = off
 CONF
 scripts/cluster.sh stop "$dir" >/dev/null
 sudo -u postgres /usr/lib/postgresql/15/bin/pg_ctl -D "$dir/data" -l "$dir/postgres.log" -w start >/dev/null
@@ -49,7 +55,7 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 vacuum() { "${PSQL[@]}" -d bench -c "VACUUM ANALYZE $1" >/dev/null; }
 
-echo "==> generating ${RECORDS} records for ${USERS} users (${FLUSH_METERS} meters for the flush)" >&2
+say "generating ${RECORDS} records for ${USERS} users (${FLUSH_METERS} meters for the flush)"
 "${PSQL[@]}" -d bench -c "CREATE EXTENSION meter_ext" >/dev/null
 "${PSQL[@]}" -d bench -v records="$RECORDS" -v users="$USERS" -f bench/setup.sql >/dev/null
 sql "ALTER DATABASE bench SET meter_ext.chunk_size = $CHUNK_SIZE" >/dev/null
@@ -69,7 +75,7 @@ reset_meters() {
          TRUNCATE meter.dedupe_keys, meter.usage_audit_batches, meter.rejected" >/dev/null
     vacuum meter.meters
 }
-echo "==> batch processing" >&2
+say "batch processing"
 sql "INSERT INTO bench.inbox (record) SELECT record FROM bench.records ORDER BY i" >/dev/null
 vacuum bench.inbox
 t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
@@ -120,7 +126,7 @@ row "batch run_stream, without audit" "$ours_plain" "$baseline" "set-based SQL u
 row "batch run_stream, with audit" "$ours_audit" "$trigger" "per-row trigger (scaled)" "$RECORDS" 0.1
 
 # ---- ingest ----------------------------------------------------------------------
-echo "==> ingest" >&2
+say "ingest"
 ndjson="$dir/records.ndjson"
 ingest_sql="$dir/ingest.sql"
 sql "COPY (SELECT record FROM bench.records ORDER BY i) TO STDOUT" >"$ndjson"
@@ -139,7 +145,7 @@ row "ingest, arrays of $INGEST_BATCH" "$ingest" "$copy" "COPY into a jsonb table
 sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
 
 # ---- period-end flush ------------------------------------------------------------
-echo "==> period-end flush of $FLUSH_METERS meters" >&2
+say "period-end flush of $FLUSH_METERS meters"
 sql "SELECT meter.create_stream('bench_flush', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
 sql "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, groups, carry_last, record_count, aggregation,
                                unit, timezone, period_start, period_end, first_record_at, last_record_at)
@@ -165,7 +171,7 @@ row "period-end flush (run_stream)" "$flush" "$bare" "UPDATE + INSERT to_jsonb" 
 # ---- realtime single-record ingest, 2 clients --------------------------------------
 realtime_rows=()
 if [ "$REALTIME_SECONDS" -gt 0 ]; then
-    echo "==> realtime ingest, 2 clients, ${REALTIME_SECONDS}s each" >&2
+    say "realtime ingest, 2 clients, ${REALTIME_SECONDS}s each"
     cat >"$dir/realtime.pgbench" <<'PGB'
 \set u random(0, 9999)
 \set id random(1, 1000000000000)
@@ -194,7 +200,7 @@ if [ "$MEM_RECORDS" -gt 0 ]; then
     sql "CREATE TABLE bench.big AS SELECT i, record FROM bench.records, generate_series(0, ($MEM_RECORDS - 1) / $RECORDS) k
           WHERE (k * $RECORDS + i) <= $MEM_RECORDS" >/dev/null
     for chunk in 1000 ${MEM_CHUNK:-20000}; do
-        echo "==> peak memory of a $MEM_RECORDS-record run, chunk_size $chunk" >&2
+        say "peak memory of a $MEM_RECORDS-record run, chunk_size $chunk"
         sql "TRUNCATE meter.dedupe_keys, meter.usage_audit_batches" >/dev/null
         sql "INSERT INTO meter.usage (stream, record) SELECT 'bench', record FROM bench.big" >/dev/null
         vacuum meter.usage
@@ -241,4 +247,7 @@ fi
         echo "|---|---|---|---|"
         printf '%s\n' "${memory_rows[@]}"
     fi
+    echo
+    s=$(($(date +%s) - started))
+    echo "The whole benchmark, data generation included, took $((s / 60)) min $((s % 60)) s."
 } | tee "${RESULTS:-/dev/null}"

@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use crate::catalog::Stream;
 use crate::convert::transaction_now;
 use crate::errors::{MeterError, Result};
-use crate::flush::{self, Flushed, Scope};
+use crate::flush::{self, Flushed, Position, Scope};
 use crate::gucs;
 use crate::inbox::{self, Batch, Ingested};
 use crate::locks;
@@ -113,6 +113,7 @@ fn flush_users(stream: &Stream, session_id: i64, now: Timestamp, inputs: &[Input
             users: Some(&users),
         },
         i64::MAX,
+        Position::START,
     )?;
     Ok(records)
 }
@@ -156,6 +157,7 @@ pub fn scan(stream: &Stream) -> Result<Scanned> {
     // A stream nobody has used gets no session from a scan: only work does that.
     let current = working(stream.id)?;
     let mut flushed = 0;
+    let mut flushed_to = Position::START;
     loop {
         let batch = flush::flush(
             stream.id,
@@ -165,7 +167,9 @@ pub fn scan(stream: &Stream) -> Result<Scanned> {
                 users: None,
             },
             gucs::chunk_size(),
+            flushed_to,
         )?;
+        flushed_to = batch.next;
         flushed += batch.records;
         if batch.meters < gucs::chunk_size() {
             break;

@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::catalog::{self, FlushBy, Stream, StreamMode};
 use crate::convert::clock_now;
 use crate::errors::{MeterError, Result};
-use crate::flush::{self, Flushed, Scope};
+use crate::flush::{self, Flushed, Position, Scope};
 use crate::gucs;
 use crate::inbox;
 use crate::locks;
@@ -117,6 +117,14 @@ pub fn begin(stream_name: &str, run_type: RunType, wait: bool, chunked: bool) ->
 
 /// Takes the next step of a session.
 pub fn step(id: i64) -> Result<Step> {
+    // Each step of `execute_stream` commits, so earlier flushes leave nothing in its way.
+    let mut from_start = Position::START;
+    step_from(id, &mut from_start)
+}
+
+/// Takes the next step of a session; a flushing step starts at `flushed_to` and
+/// moves it on (see `flush::Position`).
+fn step_from(id: i64, flushed_to: &mut Position) -> Result<Step> {
     let session = sessions::load(id, false)?;
     match session.status {
         status if status.is_final() => return Ok(Step::Done),
@@ -146,7 +154,9 @@ pub fn step(id: i64) -> Result<Step> {
                     users: None,
                 },
                 limit,
+                *flushed_to,
             )?;
+            *flushed_to = flushed.next;
             sessions::count(id, Counts::default(), flushed.records)?;
             if flushed.meters < limit {
                 sessions::set_phase(id, "process")?;
@@ -173,7 +183,8 @@ pub fn step(id: i64) -> Result<Step> {
                 },
                 FlushBy::StreamExecution => Scope::All { at: session.as_of },
             };
-            let Flushed { meters, records } = flush::flush(stream.id, Some(id), scope, limit)?;
+            let Flushed { meters, records, next } = flush::flush(stream.id, Some(id), scope, limit, *flushed_to)?;
+            *flushed_to = next;
             sessions::count(id, Counts::default(), records)?;
             if meters == limit {
                 return Ok(Step::More);
@@ -192,13 +203,20 @@ pub fn step(id: i64) -> Result<Step> {
 /// keeps the meters it changes in memory (locked) across chunks and writes each
 /// back once, instead of once per chunk.
 pub fn to_end(id: i64) -> Result<()> {
+    // Flushing steps of one phase continue where the previous one stopped.
+    let mut phase = (Status::Initializing, String::new());
+    let mut flushed_to = Position::START;
     loop {
         let session = sessions::load(id, false)?;
         if session.run_type == RunType::Normal && session.status == Status::Running && session.phase == "process" {
             process_all(&session)?;
             continue;
         }
-        match sql::in_chunk_context(|| step(id))? {
+        if (session.status, &session.phase) != (phase.0, &phase.1) {
+            phase = (session.status, session.phase.clone());
+            flushed_to = Position::START;
+        }
+        match sql::in_chunk_context(|| step_from(id, &mut flushed_to))? {
             Step::Done => return Ok(()),
             Step::More => {}
             // A run in one transaction cannot be paused by others: they do not see it.

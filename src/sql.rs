@@ -28,10 +28,37 @@ thread_local! {
 /// small (an index-less scan of a then-empty `dedupe_keys`, say) turns quadratic
 /// as it grows.
 pub fn with_fresh_plans<R>(f: impl FnOnce() -> R) -> R {
-    let before = FRESH_PLANS.with(|fresh| fresh.replace(true));
-    let result = f();
-    FRESH_PLANS.with(|fresh| fresh.set(before));
-    result
+    /// Puts the flag back however `f` ends (an ERROR unwinds through here).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FRESH_PLANS.with(|fresh| fresh.set(self.0));
+        }
+    }
+    let _restore = Restore(FRESH_PLANS.with(|fresh| fresh.replace(true)));
+    f()
+}
+
+/// Sets a backend-global planner variable while `f` runs, and puts it back
+/// however `f` ends (an ERROR unwinds through here).
+///
+/// # Safety
+/// `variable` must be a PostgreSQL global of this backend, only used by this thread.
+unsafe fn with_global<T: Copy, R>(variable: *mut T, value: T, f: impl FnOnce() -> R) -> R {
+    struct Restore<T: Copy>(*mut T, T);
+    impl<T: Copy> Drop for Restore<T> {
+        fn drop(&mut self) {
+            // SAFETY: as promised by the caller of `with_global`.
+            unsafe { *self.0 = self.1 }
+        }
+    }
+    // SAFETY: as promised by the caller.
+    let _restore = unsafe {
+        let restore = Restore(variable, *variable);
+        *variable = value;
+        restore
+    };
+    f()
 }
 
 /// Runs `f` with PostgreSQL's allocations (statement arguments, converted
@@ -49,21 +76,24 @@ pub fn in_chunk_context<R>(f: impl FnOnce() -> R) -> R {
 /// folds each argument into the plan as a constant, copying it: for the
 /// statements that take a whole `ingest` array, one copy of the array each.
 pub fn with_generic_plans<R>(f: impl FnOnce() -> R) -> R {
-    /// Puts the setting back however `f` ends (an ERROR unwinds through here).
-    struct Restore(std::ffi::c_int);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: a backend-global GUC variable, written only by this thread.
-            unsafe { pg_sys::plan_cache_mode = self.0 }
-        }
+    let generic = pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int;
+    // SAFETY: a GUC variable of this backend, used by this thread only.
+    unsafe { with_global(&raw mut pg_sys::plan_cache_mode, generic, f) }
+}
+
+/// Runs `f` with the planner joining by index lookups only (sequential scans,
+/// hash and merge joins priced out), for statements that touch one chunk of a
+/// large table by key: left to itself, the planner would rather scan (and hash)
+/// the whole table once per chunk, which is quadratic over a million rows.
+pub fn by_index_lookups<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: as in `with_generic_plans`.
+    unsafe {
+        with_global(&raw mut pg_sys::enable_seqscan, false, || {
+            with_global(&raw mut pg_sys::enable_hashjoin, false, || {
+                with_global(&raw mut pg_sys::enable_mergejoin, false, f)
+            })
+        })
     }
-    // SAFETY: as above.
-    let _restore = unsafe {
-        let restore = Restore(pg_sys::plan_cache_mode);
-        pg_sys::plan_cache_mode = pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int;
-        restore
-    };
-    f()
 }
 
 /// Runs `query` (read-write) from its cached plan, or planned afresh inside

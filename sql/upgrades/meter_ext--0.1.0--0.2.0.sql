@@ -1,9 +1,13 @@
 -- meter_ext 0.1.0 -> 0.2.0 (ALTER EXTENSION meter_ext UPDATE). What changed:
 --   * meter.usage_report(stream, from_time, to_time): period-by-period totals.
 --   * meter_ext.notify_queue_limit (a setting, no schema).
+--   * meters_due also indexes the meter id: flushes take due meters in (period_end, id) order.
 -- tests/integration/upgrade.rs checks that an updated database has exactly the
 -- schema of a fresh 0.2.0 install.
 \echo Use "ALTER EXTENSION meter_ext UPDATE TO '0.2.0'" to load this file. \quit
+
+DROP INDEX meter.meters_due;
+CREATE INDEX meters_due ON meter.meters (stream_id, period_end, id) WHERE closed_at IS NULL;
 
 CREATE FUNCTION meter.usage_report(
     stream    text,
