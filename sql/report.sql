@@ -7,8 +7,15 @@ CREATE FUNCTION meter.usage_report(
     to_time   timestamptz DEFAULT 'infinity'
 ) RETURNS TABLE (period_start timestamptz, period_end timestamptz, user_id text, meter_type text, unit text,
                  value numeric, records bigint, state text)
-LANGUAGE sql STABLE
-BEGIN ATOMIC
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF NOT EXISTS (SELECT FROM meter.streams s WHERE s.name = usage_report.stream) THEN
+        RAISE EXCEPTION 'stream "%" does not exist', usage_report.stream USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN QUERY
     SELECT r.period_start, r.period_end, r.user_id, r.meter_type, r.unit, r.value, r.records, r.state
       FROM (SELECT (f.record ->> 'periodStart')::timestamptz AS period_start,
                    (f.record ->> 'periodEnd')::timestamptz AS period_end,
@@ -30,6 +37,7 @@ BEGIN ATOMIC
      WHERE r.period_start < usage_report.to_time
        AND coalesce(r.period_end, 'infinity'::timestamptz) > usage_report.from_time
      ORDER BY r.period_start, r.user_id, r.meter_type, r.period_end;
-END;
+END
+$$;
 COMMENT ON FUNCTION meter.usage_report(text, timestamptz, timestamptz) IS
     'Totals per period, user and meter type of a stream: flushed periods (from the outbox) and open ones.';

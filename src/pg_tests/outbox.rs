@@ -324,6 +324,8 @@ mod tests {
             sql_i64("SELECT count(*) FROM meter.usage_report('s', now() + interval '2 days')"),
             0
         );
-        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage_report('nope')"), 0);
+        let (code, message) = sql_error("SELECT count(*) FROM meter.usage_report('nope')").expect("an error");
+        assert_eq!(code, PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT);
+        assert_eq!(message, r#"stream "nope" does not exist"#);
     }
 }
