@@ -306,12 +306,10 @@ impl pgrx::IntoDatum for RawJsonb {
 /// # Safety
 /// `datum` must be a valid, non-null jsonb datum.
 pub unsafe fn datum_bytes(datum: pg_sys::Datum) -> Vec<u8> {
-    let raw = datum.cast_mut_ptr::<pg_sys::varlena>();
-    let detoasted = pg_sys::pg_detoast_datum(raw);
-    let len = varsize(detoasted);
-    let bytes = std::slice::from_raw_parts(detoasted as *const u8, len).to_vec();
-    if detoasted != raw {
-        pg_sys::pfree(detoasted.cast());
+    let slice = datum_slice(datum);
+    let bytes = slice.to_vec();
+    if !std::ptr::eq(slice.as_ptr(), datum.cast_mut_ptr::<u8>()) {
+        pg_sys::pfree(slice.as_ptr() as *mut std::ffi::c_void);
     }
     bytes
 }

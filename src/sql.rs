@@ -18,7 +18,8 @@ use pgrx::{FromDatum, IntoDatum, PgOid};
 use crate::errors::Result;
 
 thread_local! {
-    static PLANS: RefCell<HashMap<(String, Vec<Oid>), Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    /// Saved plans by query text, then argument types: a lookup does not copy the text.
+    static PLANS: RefCell<HashMap<String, HashMap<Vec<Oid>, Rc<OwnedPreparedStatement>>>> = RefCell::new(HashMap::new());
     static FRESH_PLANS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -106,17 +107,25 @@ pub fn run<'conn>(
     if FRESH_PLANS.with(|fresh| fresh.get()) {
         return client.update(query, None, args);
     }
-    let key = (
-        query.to_string(),
-        args.iter().map(DatumWithOid::oid).collect::<Vec<_>>(),
-    );
-    let cached = PLANS.with(|plans| plans.borrow().get(&key).cloned());
+    let oids: Vec<Oid> = args.iter().map(DatumWithOid::oid).collect();
+    let cached = PLANS.with(|plans| {
+        plans
+            .borrow()
+            .get(query)
+            .and_then(|by_types| by_types.get(&oids).cloned())
+    });
     let plan = match cached {
         Some(plan) => plan,
         None => {
-            let types: Vec<PgOid> = key.1.iter().map(|oid| PgOid::from(*oid)).collect();
+            let types: Vec<PgOid> = oids.iter().map(|oid| PgOid::from(*oid)).collect();
             let plan = Rc::new(client.prepare_mut(query, &types)?.keep());
-            PLANS.with(|plans| plans.borrow_mut().insert(key, plan.clone()));
+            PLANS.with(|plans| {
+                plans
+                    .borrow_mut()
+                    .entry(query.to_string())
+                    .or_default()
+                    .insert(oids, plan.clone())
+            });
             plan
         }
     };
