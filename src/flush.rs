@@ -250,9 +250,11 @@ fn apply(session_id: Option<i64>, c: Columns) -> Result<i64> {
          doorbell AS (
              SELECT pg_catalog.pg_notify($8, CASE WHEN pg_catalog.octet_length(full_payload) < 8000 THEN full_payload
                     ELSE pg_catalog.jsonb_build_object('flushId', o.id, 'meterId', o.meter_id, 'truncated', true)::text END)
-               -- The record's text with flushId appended: the same JSON as merging it into
-               -- the jsonb first, without decoding and re-encoding every record again.
-               FROM (SELECT o.*, pg_catalog.left(o.record::text, -1) || ', \"flushId\": ' || o.id || '}' AS full_payload
+               -- The record's text with flushId put first: the same JSON as merging it
+               -- into the jsonb, without decoding and re-encoding every record again.
+               -- (substr from the second character copies the rest without counting
+               -- characters, as left(…, -1) would.)
+               FROM (SELECT o.*, '{\"flushId\": ' || o.id || ', ' || pg_catalog.substr(o.record::text, 2) AS full_payload
                        FROM outbox o ORDER BY o.id) o
               WHERE NOT (SELECT is_full FROM queue)
              UNION ALL
