@@ -223,13 +223,8 @@ struct Columns {
 
 /// One statement: write the outbox records (with the period end the flush gives
 /// them), ring the doorbell, then reset, close or delete the meters. All its
-/// parts see the meters as they were before it. It finds the chunk's meters by
-/// index (`by_index_lookups`): left to itself, the planner scans the whole table
-/// for every chunk, which is quadratic over a million-meter flush.
-fn apply(session_id: Option<i64>, c: Columns) -> Result<i64> {
-    let records = sql::by_index_lookups(|| {
-        sql::one::<i64>(
-        "WITH plan AS (
+/// parts see the meters as they were before it.
+const APPLY: &str = "WITH plan AS (
              SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::boolean[], $4::text[], $5::timestamptz[],
                                   $6::timestamptz[])
                  AS p(id, record_end, emit, action, new_start, new_end)),
@@ -283,20 +278,24 @@ fn apply(session_id: Option<i64>, c: Columns) -> Result<i64> {
               WHERE m.id = p.id AND p.action <> 'delete' AND t.id = m.meter_type_id
              RETURNING m.id)
          SELECT (SELECT count(*) FROM outbox) + 0 * (SELECT count(*) FROM doorbell)
-              + 0 * (SELECT count(*) FROM deleted) + 0 * (SELECT count(*) FROM reset)",
-        &[
-            c.ids.into(),
-            c.record_ends.into(),
-            c.emit.into(),
-            c.actions.into(),
-            c.new_starts.into(),
-            c.new_ends.into(),
-            session_id.into(),
-            FLUSHED_CHANNEL.into(),
-            crate::gucs::NOTIFY_QUEUE_LIMIT.get().into(),
-        ],
-    )
-    })?;
+              + 0 * (SELECT count(*) FROM deleted) + 0 * (SELECT count(*) FROM reset)";
+
+/// Runs `APPLY` for one chunk's plan. It finds the chunk's meters by index
+/// (`by_index_lookups`): left to itself, the planner scans the whole table for
+/// every chunk, which is quadratic over a million-meter flush.
+fn apply(session_id: Option<i64>, c: Columns) -> Result<i64> {
+    let args = [
+        c.ids.into(),
+        c.record_ends.into(),
+        c.emit.into(),
+        c.actions.into(),
+        c.new_starts.into(),
+        c.new_ends.into(),
+        session_id.into(),
+        FLUSHED_CHANNEL.into(),
+        crate::gucs::NOTIFY_QUEUE_LIMIT.get().into(),
+    ];
+    let records = sql::by_index_lookups(|| sql::one::<i64>(APPLY, &args))?;
     Ok(records.unwrap_or(0))
 }
 

@@ -160,6 +160,8 @@ fn step_from(id: i64, flushed_to: &mut Position) -> Result<Step> {
             sessions::count(id, Counts::default(), flushed.records)?;
             if flushed.meters < limit {
                 sessions::set_phase(id, "process")?;
+                // The closing flush is another pass: a later as_of, maybe another scope.
+                *flushed_to = Position::START;
             }
             Ok(Step::More)
         }
@@ -203,18 +205,13 @@ fn step_from(id: i64, flushed_to: &mut Position) -> Result<Step> {
 /// keeps the meters it changes in memory (locked) across chunks and writes each
 /// back once, instead of once per chunk.
 pub fn to_end(id: i64) -> Result<()> {
-    // Flushing steps of one phase continue where the previous one stopped.
-    let mut phase = (Status::Initializing, String::new());
+    // Flushing steps of one pass continue where the previous one stopped.
     let mut flushed_to = Position::START;
     loop {
         let session = sessions::load(id, false)?;
         if session.run_type == RunType::Normal && session.status == Status::Running && session.phase == "process" {
             process_all(&session)?;
             continue;
-        }
-        if (session.status, &session.phase) != (phase.0, &phase.1) {
-            phase = (session.status, session.phase.clone());
-            flushed_to = Position::START;
         }
         match sql::in_chunk_context(|| step_from(id, &mut flushed_to))? {
             Step::Done => return Ok(()),

@@ -222,6 +222,32 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_closing_flush_of_a_one_transaction_run_starts_over_after_the_initial_scan() {
+        // The initial scan flushes globex (the later id); the closing flush of every
+        // meter is another pass and must not continue after globex.
+        let acme = daily("stream_execution");
+        let globex = sql_i64("SELECT meter.create_meter('s', 'calls', 'globex')");
+        assert!(globex > acme);
+        expire(globex, 1);
+        process("s");
+        let session = sql_i64("SELECT max(id) FROM meter.sessions");
+        assert_eq!(
+            sql_text(&format!(
+                "SELECT string_agg(f.user_id, ',' ORDER BY f.id) FROM meter.flushed f WHERE f.session_id = {session}"
+            ))
+            .as_deref(),
+            Some("globex,acme,globex")
+        );
+        assert_eq!(
+            sql_i64(&format!(
+                "SELECT count(*) FROM meter.meters m JOIN meter.sessions s ON s.id = {session}
+                  WHERE m.period_start = s.as_of"
+            )),
+            2
+        );
+    }
+
+    #[pg_test]
     fn the_flushed_record_has_exactly_ues_keys_and_a_session() {
         let meter = daily("period_end");
         ingest(json!({"userId": "acme", "value": 1}));
