@@ -231,8 +231,12 @@ const APPLY: &str = "WITH plan AS (
          outbox AS (
              INSERT INTO meter.flushed (stream_id, session_id, meter_id, user_id, record)
              SELECT m.stream_id, $7, m.id, m.user_id,
-                    meter.record_json(m, t, s)
-                        || pg_catalog.jsonb_build_object('periodEnd', meter.iso_utc(p.record_end))
+                    -- The period end this flush gives the record, when it is not the
+                    -- meter's own (a flush by stream execution, a meter without an end):
+                    -- merging it in decodes and re-encodes the record, so only then.
+                    CASE WHEN m.period_end IS NOT DISTINCT FROM p.record_end THEN meter.record_json(m, t, s)
+                         ELSE meter.record_json(m, t, s)
+                              || pg_catalog.jsonb_build_object('periodEnd', meter.iso_utc(p.record_end)) END
                FROM plan p
                JOIN meter.meters m ON m.id = p.id
                JOIN meter.meter_types t ON t.id = m.meter_type_id

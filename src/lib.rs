@@ -19,6 +19,7 @@ pub mod schedule;
 pub mod session;
 
 mod api;
+mod audit;
 mod catalog;
 mod convert;
 mod errors;

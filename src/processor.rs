@@ -19,6 +19,7 @@ use pgrx::prelude::*;
 use serde_json::{Map, Value};
 
 use crate::aggregate::{Aggregation, Contribution, GroupRef, GroupState, MeterState, SeenValues, Usage};
+use crate::audit::{AuditRows, AuditedRecord};
 use crate::catalog::{self, MeterTypeSettings, NewMeter, Stream};
 use crate::convert::{to_timestamp, to_timestamptz};
 use crate::errors::Result;
@@ -333,7 +334,16 @@ impl<'s> Processor<'s> {
             };
             slot.dirty = true;
             if self.mode == Mode::Apply && self.stream.audit {
-                self.audit.push(slot, input, item, &value);
+                self.audit.push(AuditedRecord {
+                    meter_id: slot.id,
+                    user_id: &item.key.1,
+                    period_start: slot.period_start,
+                    usage_id: input.usage_id,
+                    record_id: item.record_id.as_deref(),
+                    rule: &item.rule.name,
+                    amount: &value,
+                    at: item.at,
+                });
             }
             outcomes[item.index] = Some(Outcome::Metered {
                 rule: item.rule.name.clone(),
@@ -881,123 +891,6 @@ impl MeterRows {
                 self.first_at.into(),
                 self.last_at.into(),
                 self.counts.into(),
-            ],
-        )?;
-        Ok(())
-    }
-}
-
-/// Audit rows not written yet, grouped by meter as they will be stored (one
-/// `meter.usage_audit_batches` row per meter): each column is kept as the text of
-/// a PostgreSQL array, which the INSERT casts. Cheaper than aggregating a row per
-/// record in SQL.
-#[derive(Default)]
-struct AuditRows {
-    by_meter: HashMap<i64, MeterAudit>,
-    rows: usize,
-}
-
-#[derive(Default)]
-struct MeterAudit {
-    user_id: String,
-    period_start: Option<TimestampWithTimeZone>,
-    usage_ids: String,
-    record_ids: String,
-    rules: String,
-    amounts: String,
-    record_ats: String,
-}
-
-/// Starts the next element of an array's text (its inside, without braces).
-fn next_element(array: &mut String) -> &mut String {
-    if !array.is_empty() {
-        array.push(',');
-    }
-    array
-}
-
-/// Appends an element, quoted as array input reads it back; `None` is NULL.
-fn push_quoted(array: &mut String, element: Option<&str>) {
-    let array = next_element(array);
-    let Some(text) = element else {
-        array.push_str("NULL");
-        return;
-    };
-    array.push('"');
-    for c in text.chars() {
-        if c == '"' || c == '\\' {
-            array.push('\\');
-        }
-        array.push(c);
-    }
-    array.push('"');
-}
-
-impl AuditRows {
-    fn len(&self) -> usize {
-        self.rows
-    }
-
-    fn push(&mut self, slot: &Slot, input: &Input, item: &Taken, value: &BigDecimal) {
-        use std::fmt::Write;
-        let entry = self.by_meter.entry(slot.id).or_insert_with(|| MeterAudit {
-            user_id: item.key.1.clone(),
-            period_start: Some(to_timestamptz(slot.period_start)),
-            ..MeterAudit::default()
-        });
-        // Written in place: this runs once per metered record.
-        let usage_ids = next_element(&mut entry.usage_ids);
-        match input.usage_id {
-            Some(id) => write!(usage_ids, "{id}").expect("writing to a String cannot fail"),
-            None => usage_ids.push_str("NULL"),
-        }
-        push_quoted(&mut entry.record_ids, item.record_id.as_deref());
-        push_quoted(&mut entry.rules, Some(&item.rule.name));
-        next_element(&mut entry.amounts).push_str(&value.to_plain_string());
-        let record_ats = next_element(&mut entry.record_ats);
-        record_ats.push('"');
-        crate::convert::write_timestamptz_literal(record_ats, item.at);
-        record_ats.push('"');
-        self.rows += 1;
-    }
-
-    fn insert(self, stream_id: i64, session_id: Option<i64>) -> Result<()> {
-        if self.by_meter.is_empty() {
-            return Ok(());
-        }
-        let braces = |s: String| format!("{{{s}}}");
-        let mut columns: (Vec<i64>, Vec<String>, Vec<Option<TimestampWithTimeZone>>) = Default::default();
-        let mut arrays: [Vec<String>; 5] = Default::default();
-        for (meter_id, m) in self.by_meter {
-            columns.0.push(meter_id);
-            columns.1.push(m.user_id);
-            columns.2.push(m.period_start);
-            arrays[0].push(braces(m.usage_ids));
-            arrays[1].push(braces(m.record_ids));
-            arrays[2].push(braces(m.rules));
-            arrays[3].push(braces(m.amounts));
-            arrays[4].push(braces(m.record_ats));
-        }
-        let [usage_ids, record_ids, rules, amounts, record_ats] = arrays;
-        sql::execute(
-            "INSERT INTO meter.usage_audit_batches
-                    (session_id, stream_id, meter_id, user_id, period_start, usage_ids, record_ids, rules, amounts, record_ats)
-             SELECT $1, $2, a.meter_id, a.user_id, a.period_start, a.usage_ids::bigint[], a.record_ids::text[],
-                    a.rules::text[], a.amounts::numeric[], a.record_ats::timestamptz[]
-               FROM unnest($3::bigint[], $4::text[], $5::timestamptz[], $6::text[], $7::text[], $8::text[],
-                           $9::text[], $10::text[])
-                    AS a(meter_id, user_id, period_start, usage_ids, record_ids, rules, amounts, record_ats)",
-            &[
-                session_id.into(),
-                stream_id.into(),
-                columns.0.into(),
-                columns.1.into(),
-                columns.2.into(),
-                usage_ids.into(),
-                record_ids.into(),
-                rules.into(),
-                amounts.into(),
-                record_ats.into(),
             ],
         )?;
         Ok(())

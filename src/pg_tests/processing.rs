@@ -86,6 +86,39 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_audit_keeps_each_records_exact_amount_time_id_and_rule() {
+        eu_and_all(true);
+        // Ids that array text would have to quote, amounts past i64 and past 15
+        // digits, a time with microseconds, a record without an id.
+        run(r#"SELECT meter.ingest('api', jsonb_build_array(
+                   jsonb_build_object('id', 'a"b\c,{d} e', 'userId', 'acme', 'value', 0.1,
+                                      'timestamp', to_char((now() - interval '0.000007 s') AT TIME ZONE 'UTC',
+                                                           'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
+                   jsonb_build_object('id', 'NULL', 'userId', 'acme', 'value', 123456789012345678901234567890.000000001),
+                   jsonb_build_object('id', 'big', 'userId', 'acme', 'value', 9223372036854775808),
+                   jsonb_build_object('userId', 'acme', 'value', -7)))"#);
+        assert_eq!(process("api").metered, 4);
+        assert_eq!(
+            rows(
+                "SELECT record_id, rule, value::text, record_at = now() - interval '0.000007 s' AS exact_time,
+                        usage_id IS NOT NULL AS from_inbox
+                   FROM meter.usage_audit ORDER BY batch_id, position"
+            ),
+            json!([
+                {"record_id": "a\"b\\c,{d} e", "rule": "all", "value": "0.1", "exact_time": true, "from_inbox": true},
+                {"record_id": "NULL", "rule": "all", "value": "123456789012345678901234567890.000000001",
+                 "exact_time": false, "from_inbox": true},
+                {"record_id": "big", "rule": "all", "value": "9223372036854775808", "exact_time": false, "from_inbox": true},
+                {"record_id": null, "rule": "all", "value": "-7", "exact_time": false, "from_inbox": true},
+            ])
+        );
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.verify_meters('api') WHERE NOT matches"),
+            0
+        );
+    }
+
+    #[pg_test]
     fn auto_creation_makes_the_first_matching_rules_meter() {
         eu_and_all(true);
         ingest(

@@ -1,0 +1,220 @@
+//! The usage audit (SPEC §2): one row per record the meter processor output,
+//! stored as one `meter.usage_audit_batches` row per meter and batch, the records'
+//! columns as arrays.
+//!
+//! The rows are built here, binary, and handed to the INSERT as one array of
+//! rows. Sending them as array texts instead cost more than metering:
+//! formatting each timestamp, id and amount, then parsing it back.
+
+use bigdecimal::{BigDecimal, ToPrimitive};
+use jiff::Timestamp;
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::convert::to_timestamptz;
+use crate::errors::Result;
+use crate::sql;
+
+/// Audit rows not written yet, grouped by meter as they will be stored.
+#[derive(Default)]
+pub struct AuditRows {
+    by_meter: HashMap<i64, MeterAudit>,
+    /// Rule names, each once; `MeterAudit::rules` holds positions in it.
+    rule_names: Vec<String>,
+    rows: usize,
+}
+
+struct MeterAudit {
+    user_id: String,
+    period_start: Timestamp,
+    usage_ids: Vec<Option<i64>>,
+    record_ids: Vec<Option<String>>,
+    rules: Vec<u32>,
+    amounts: Vec<Amount>,
+    record_ats: Vec<Timestamp>,
+}
+
+/// What a record added to its meter; most amounts are whole numbers.
+enum Amount {
+    Whole(i64),
+    Decimal(Box<str>),
+}
+
+impl Amount {
+    fn of(value: &BigDecimal) -> Amount {
+        match value.is_integer().then(|| value.to_i64()).flatten() {
+            Some(whole) => Amount::Whole(whole),
+            None => Amount::Decimal(value.to_plain_string().into_boxed_str()),
+        }
+    }
+
+    fn to_numeric(&self) -> AnyNumeric {
+        match self {
+            Amount::Whole(whole) => AnyNumeric::from(*whole),
+            Amount::Decimal(text) => AnyNumeric::try_from(&**text).expect("a decimal's plain text is a numeric"),
+        }
+    }
+}
+
+/// One audited record.
+pub struct AuditedRecord<'a> {
+    pub meter_id: i64,
+    pub user_id: &'a str,
+    pub period_start: Timestamp,
+    pub usage_id: Option<i64>,
+    pub record_id: Option<&'a str>,
+    pub rule: &'a str,
+    pub amount: &'a BigDecimal,
+    pub at: Timestamp,
+}
+
+impl AuditRows {
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn push(&mut self, record: AuditedRecord) {
+        let rule = match self.rule_names.iter().position(|name| name == record.rule) {
+            Some(position) => position,
+            None => {
+                self.rule_names.push(record.rule.to_string());
+                self.rule_names.len() - 1
+            }
+        } as u32;
+        let meter = self.by_meter.entry(record.meter_id).or_insert_with(|| MeterAudit {
+            user_id: record.user_id.to_string(),
+            period_start: record.period_start,
+            usage_ids: Vec::new(),
+            record_ids: Vec::new(),
+            rules: Vec::new(),
+            amounts: Vec::new(),
+            record_ats: Vec::new(),
+        });
+        meter.usage_ids.push(record.usage_id);
+        meter.record_ids.push(record.record_id.map(str::to_string));
+        meter.rules.push(rule);
+        meter.amounts.push(Amount::of(record.amount));
+        meter.record_ats.push(record.at);
+        self.rows += 1;
+    }
+
+    /// Writes the rows in one statement, handed to it as one array of
+    /// `meter.usage_audit_batches` rows built here, in meter order (the
+    /// `(meter_id, period_start)` index then takes its entries in sequence).
+    pub fn insert(self, stream_id: i64, session_id: Option<i64>) -> Result<()> {
+        if self.by_meter.is_empty() {
+            return Ok(());
+        }
+        let row_type = sql::one::<pg_sys::Oid>(
+            "SELECT 'meter.usage_audit_batches'::pg_catalog.regtype::pg_catalog.oid",
+            &[],
+        )?
+        .expect("the audit table has a row type");
+        // The rows and their arrays live until the INSERT is done, then go at once.
+        let mut memory = PgMemoryContexts::new("meter_ext audit rows");
+        let rows = unsafe { memory.switch_to(|_| self.into_row_array(row_type, stream_id, session_id)) };
+        sql::execute(
+            "INSERT INTO meter.usage_audit_batches
+                    (session_id, stream_id, meter_id, user_id, period_start, usage_ids, record_ids, rules, amounts,
+                     record_ats)
+             SELECT b.session_id, b.stream_id, b.meter_id, b.user_id, b.period_start, b.usage_ids, b.record_ids,
+                    b.rules, b.amounts, b.record_ats
+               FROM pg_catalog.unnest($1) b",
+            &[rows],
+        )?;
+        drop(memory);
+        Ok(())
+    }
+
+    /// The rows as a `meter.usage_audit_batches[]` datum in the current memory context.
+    unsafe fn into_row_array(
+        self,
+        row_type: pg_sys::Oid,
+        stream_id: i64,
+        session_id: Option<i64>,
+    ) -> DatumWithOid<'static> {
+        let AuditRows {
+            by_meter, rule_names, ..
+        } = self;
+        let mut by_meter: Vec<(i64, MeterAudit)> = by_meter.into_iter().collect();
+        by_meter.sort_unstable_by_key(|(meter_id, _)| *meter_id);
+        let descriptor = unsafe { pg_sys::lookup_rowtype_tupdesc(row_type, -1) };
+        // Columns by name: the table's order (and any dropped column) is the catalog's.
+        let columns: Vec<String> = (0..unsafe { (*descriptor).natts } as usize)
+            .map(|i| {
+                let attribute = unsafe { &*(*descriptor).attrs.as_ptr().add(i) };
+                unsafe { std::ffi::CStr::from_ptr(attribute.attname.data.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let position = |name: &str| columns.iter().position(|c| c == name).expect("an audit column");
+        let at = [
+            "session_id",
+            "stream_id",
+            "meter_id",
+            "user_id",
+            "period_start",
+            "usage_ids",
+            "record_ids",
+            "rules",
+            "amounts",
+            "record_ats",
+        ]
+        .map(position);
+        let mut elements = Vec::with_capacity(by_meter.len());
+        for (meter_id, m) in by_meter {
+            let mut values = vec![pg_sys::Datum::from(0); columns.len()];
+            let mut nulls = vec![true; columns.len()];
+            let fields = [
+                session_id.into_datum(),
+                stream_id.into_datum(),
+                meter_id.into_datum(),
+                m.user_id.into_datum(),
+                to_timestamptz(m.period_start).into_datum(),
+                m.usage_ids.into_datum(),
+                m.record_ids.into_datum(),
+                m.rules
+                    .iter()
+                    .map(|&rule| rule_names[rule as usize].as_str())
+                    .collect::<Vec<_>>()
+                    .into_datum(),
+                m.amounts
+                    .iter()
+                    .map(Amount::to_numeric)
+                    .collect::<Vec<_>>()
+                    .into_datum(),
+                m.record_ats
+                    .into_iter()
+                    .map(to_timestamptz)
+                    .collect::<Vec<_>>()
+                    .into_datum(),
+            ];
+            for (column, field) in at.iter().zip(fields) {
+                if let Some(datum) = field {
+                    values[*column] = datum;
+                    nulls[*column] = false;
+                }
+            }
+            unsafe {
+                let tuple = pg_sys::heap_form_tuple(descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());
+                elements.push(pg_sys::heap_copy_tuple_as_datum(tuple, descriptor));
+                pg_sys::heap_freetuple(tuple);
+            }
+        }
+        unsafe {
+            pg_sys::DecrTupleDescRefCount(descriptor);
+            let array = pg_sys::construct_array(
+                elements.as_mut_ptr(),
+                elements.len() as i32,
+                row_type,
+                -1,
+                false,
+                pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
+            );
+            DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::get_array_type(row_type))
+        }
+    }
+}
