@@ -671,9 +671,12 @@ pub fn insert_meters(stream_id: i64, meters: &[NewMeter], now: Timestamp) -> Res
     Spi::connect_mut(|client| {
         let rows = sql::run(
             client,
+            // created_at and updated_at are the transaction's now(), as every later
+            // update's: `now` (a run's as_of) is later than that, and a meter would
+            // seem updated before it was created.
             "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, delete_on_reset, aggregation, unit,
-                                       timezone, period_start, period_end, created_at, updated_at)
-             SELECT $1, n.*, $11, $11
+                                       timezone, period_start, period_end)
+             SELECT $1, n.*
                FROM unnest($2::bigint[], $3::text[], $4::numeric[], $5::boolean[], $6::text[], $7::text[],
                            $8::text[], $9::timestamptz[], $10::timestamptz[]) AS n
              ON CONFLICT (stream_id, user_id, meter_type_id) DO NOTHING
@@ -689,7 +692,6 @@ pub fn insert_meters(stream_id: i64, meters: &[NewMeter], now: Timestamp) -> Res
                 columns.6.into(),
                 starts.into(),
                 ends.into(),
-                to_timestamptz(now).into(),
             ],
         )?;
         let mut ids = Vec::with_capacity(rows.len());

@@ -129,6 +129,11 @@ mod tests {
         assert_eq!(value_of("new-eu", "eu-calls").as_deref(), Some("2"));
         assert_eq!(value_of("new-us", "all-calls").as_deref(), Some("3"));
         assert_eq!(sql_i64("SELECT count(*) FROM meter.meters"), 2);
+        // Created and updated by the same transaction, in that order.
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.meters WHERE updated_at <> created_at"),
+            0
+        );
         // The new meter's period follows its type: the next local month start.
         assert_eq!(
             sql_text(
