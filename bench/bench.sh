@@ -5,7 +5,8 @@
 #   bench/bench.sh            full run (RECORDS=1000000 USERS=10000 FLUSH_METERS=1000000 MEM_RECORDS=5000000)
 #   bench/bench.sh --check    small run asserting the same meter values as the baseline (make test)
 #
-# Sizes are overridable through those variables; PORT picks the cluster's port.
+# Sizes are overridable through those variables, ROUNDS sets how many times the
+# batch workloads run (each side keeps its best), PORT picks the cluster's port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,9 +15,11 @@ CHECK=""
 if [ "$CHECK" ]; then
     RECORDS=${RECORDS:-20000} USERS=${USERS:-500} FLUSH_METERS=${FLUSH_METERS:-3000}
     MEM_RECORDS=${MEM_RECORDS:-0} TRIGGER_RECORDS=${TRIGGER_RECORDS:-2000} REALTIME_SECONDS=${REALTIME_SECONDS:-0}
+    ROUNDS=${ROUNDS:-1}
 else
     RECORDS=${RECORDS:-1000000} USERS=${USERS:-10000} FLUSH_METERS=${FLUSH_METERS:-1000000}
     MEM_RECORDS=${MEM_RECORDS:-5000000} TRIGGER_RECORDS=${TRIGGER_RECORDS:-100000} REALTIME_SECONDS=${REALTIME_SECONDS:-15}
+    ROUNDS=${ROUNDS:-2}   # batch workloads: each side's best of this many rounds
 fi
 INGEST_BATCH=${INGEST_BATCH:-1000}
 CHUNK_SIZE=${CHUNK_SIZE:-10000}
@@ -53,6 +56,7 @@ PSQL=(psql -h localhost -p "$port" -U postgres -X -q -v ON_ERROR_STOP=1)
 sql() { "${PSQL[@]}" -d bench -At -c "$1"; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+least() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b + 0 < a + 0) ? b : a }'; }
 vacuum() { "${PSQL[@]}" -d bench -c "VACUUM ANALYZE $1" >/dev/null; }
 
 say "generating ${RECORDS} records for ${USERS} users (${FLUSH_METERS} meters for the flush)"
@@ -75,47 +79,59 @@ reset_meters() {
          TRUNCATE meter.dedupe_keys, meter.usage_audit_batches, meter.rejected" >/dev/null
     vacuum meter.meters
 }
-say "batch processing"
-sql "INSERT INTO bench.inbox (record) SELECT record FROM bench.records ORDER BY i" >/dev/null
-vacuum bench.inbox
-t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
-baseline=$(elapsed "$t0" "$t1")
+reset_baseline() {
+    sql "TRUNCATE bench.seen, bench.meter_groups;
+         UPDATE bench.meters SET value = CASE WHEN kind = 'conc' THEN NULL ELSE 0 END, carry_last = NULL, record_count = 0" >/dev/null
+    vacuum bench.meters
+}
+# Each side's best of $ROUNDS rounds: on a shared machine one run of either can be
+# 20% slower than the next.
+baseline="" ours_audit="" ours_plain=""
+for round in $(seq "$ROUNDS"); do
+    say "batch processing, round $round of $ROUNDS"
+    [ "$round" = 1 ] || reset_baseline
+    sql "INSERT INTO bench.inbox (record) SELECT record FROM bench.records ORDER BY i" >/dev/null
+    vacuum bench.inbox
+    t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
+    baseline=$(least "$baseline" "$(elapsed "$t0" "$t1")")
 
-fill_inbox
-t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
-ours_audit=$(elapsed "$t0" "$t1")
-if [ "$CHECK" ]; then
-    # Same meters as the baseline: value, groups and the carried plan of every meter.
-    mismatches=$(sql "
-        WITH ours AS (
-            SELECT m.user_id, CASE t.name WHEN 'calls' THEN 'call' WHEN 'bytes' THEN 'xfer' ELSE 'conc' END AS kind,
-                   m.value, m.carry_last, m.groups
-              FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id
-              JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench'),
-        theirs AS (
-            SELECT b.user_id, b.kind, b.value, coalesce(b.carry_last, '{}') AS carry_last,
-                   coalesce((SELECT jsonb_agg(jsonb_build_object('key', 'region=' || g.region,
-                                                                 'fields', jsonb_build_object('region', g.region),
-                                                                 'value', g.value) ORDER BY 'region=' || g.region)
-                               FROM bench.meter_groups g WHERE g.user_id = b.user_id AND g.kind = b.kind), '[]') AS groups
-              FROM bench.meters b)
-        SELECT count(*) FROM ours FULL JOIN theirs USING (user_id, kind)
-         WHERE ours.value IS DISTINCT FROM theirs.value OR ours.carry_last IS DISTINCT FROM theirs.carry_last
-            OR ours.groups IS DISTINCT FROM theirs.groups")
-    checked=$(sql "SELECT count(*) FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench' AND m.record_count > 0")
-    verified=$(sql "SELECT count(*) FROM meter.verify_meters('bench') WHERE NOT matches")
-    if [ "$mismatches" != 0 ] || [ "$verified" != 0 ] || [ "$checked" = 0 ]; then
-        echo "bench --check: $mismatches meter(s) differ from the set-based baseline, $verified from their audit (of $checked)" >&2
-        exit 1
+    [ "$round" = 1 ] || reset_meters
+    fill_inbox
+    t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
+    ours_audit=$(least "$ours_audit" "$(elapsed "$t0" "$t1")")
+    if [ "$CHECK" ] && [ "$round" = 1 ]; then
+        # Same meters as the baseline: value, groups and the carried plan of every meter.
+        mismatches=$(sql "
+            WITH ours AS (
+                SELECT m.user_id, CASE t.name WHEN 'calls' THEN 'call' WHEN 'bytes' THEN 'xfer' ELSE 'conc' END AS kind,
+                       m.value, m.carry_last, m.groups
+                  FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id
+                  JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench'),
+            theirs AS (
+                SELECT b.user_id, b.kind, b.value, coalesce(b.carry_last, '{}') AS carry_last,
+                       coalesce((SELECT jsonb_agg(jsonb_build_object('key', 'region=' || g.region,
+                                                                     'fields', jsonb_build_object('region', g.region),
+                                                                     'value', g.value) ORDER BY 'region=' || g.region)
+                                   FROM bench.meter_groups g WHERE g.user_id = b.user_id AND g.kind = b.kind), '[]') AS groups
+                  FROM bench.meters b)
+            SELECT count(*) FROM ours FULL JOIN theirs USING (user_id, kind)
+             WHERE ours.value IS DISTINCT FROM theirs.value OR ours.carry_last IS DISTINCT FROM theirs.carry_last
+                OR ours.groups IS DISTINCT FROM theirs.groups")
+        checked=$(sql "SELECT count(*) FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench' AND m.record_count > 0")
+        verified=$(sql "SELECT count(*) FROM meter.verify_meters('bench') WHERE NOT matches")
+        if [ "$mismatches" != 0 ] || [ "$verified" != 0 ] || [ "$checked" = 0 ]; then
+            echo "bench --check: $mismatches meter(s) differ from the set-based baseline, $verified from their audit (of $checked)" >&2
+            exit 1
+        fi
+        echo "bench --check: all $checked metered meters equal the set-based baseline and their audit" >&2
     fi
-    echo "bench --check: all $checked metered meters equal the set-based baseline and their audit" >&2
-fi
-reset_meters
-fill_inbox
-sql "SELECT meter.alter_stream('bench', audit => false)" >/dev/null
-t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
-ours_plain=$(elapsed "$t0" "$t1")
-sql "SELECT meter.alter_stream('bench', audit => true)" >/dev/null
+    reset_meters
+    fill_inbox
+    sql "SELECT meter.alter_stream('bench', audit => false)" >/dev/null
+    t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
+    ours_plain=$(least "$ours_plain" "$(elapsed "$t0" "$t1")")
+    sql "SELECT meter.alter_stream('bench', audit => true)" >/dev/null
+done
 
 sql "TRUNCATE bench.seen" >/dev/null
 t0=$(now); sql "INSERT INTO bench.trigger_inbox SELECT record FROM bench.records WHERE i <= $TRIGGER_RECORDS" >/dev/null; t1=$(now)
@@ -230,7 +246,7 @@ fi
 {
     echo "meter_ext benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-    echo "PostgreSQL $(sql 'SHOW server_version'), $RECORDS records, $USERS users, 3 meter types, group by region, carry last; chunk_size $CHUNK_SIZE"
+    echo "PostgreSQL $(sql 'SHOW server_version'), $RECORDS records, $USERS users, 3 meter types, group by region, carry last; chunk_size $CHUNK_SIZE; batch times: best of $ROUNDS round(s) each"
     echo
     echo "| workload                           |       ours |   baseline | baseline                   |   time  | target (SPEC §11) | records/s  |"
     echo "|------------------------------------|------------|------------|----------------------------|---------|-------------------|------------|"
