@@ -10,7 +10,6 @@ use bigdecimal::{BigDecimal, ToPrimitive};
 use jiff::Timestamp;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use pgrx::PgMemoryContexts;
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::convert::to_timestamptz;
@@ -26,6 +25,7 @@ pub struct AuditRows {
     rows: usize,
 }
 
+#[derive(Default)]
 struct MeterAudit {
     user_id: String,
     period_start: Timestamp,
@@ -86,11 +86,7 @@ impl AuditRows {
         let meter = self.by_meter.entry(record.meter_id).or_insert_with(|| MeterAudit {
             user_id: record.user_id.to_string(),
             period_start: record.period_start,
-            usage_ids: Vec::new(),
-            record_ids: Vec::new(),
-            rules: Vec::new(),
-            amounts: Vec::new(),
-            record_ats: Vec::new(),
+            ..MeterAudit::default()
         });
         meter.usage_ids.push(record.usage_id);
         meter.record_ids.push(record.record_id.map(str::to_string));
@@ -103,6 +99,8 @@ impl AuditRows {
     /// Writes the rows in one statement, handed to it as one array of
     /// `meter.usage_audit_batches` rows built here, in meter order (the
     /// `(meter_id, period_start)` index then takes its entries in sequence).
+    /// The rows are palloc'd in the current memory context: callers write the
+    /// audit inside `sql::in_chunk_context`.
     pub fn insert(self, stream_id: i64, session_id: Option<i64>) -> Result<()> {
         if self.by_meter.is_empty() {
             return Ok(());
@@ -112,9 +110,8 @@ impl AuditRows {
             &[],
         )?
         .expect("the audit table has a row type");
-        // The rows and their arrays live until the INSERT is done, then go at once.
-        let mut memory = PgMemoryContexts::new("meter_ext audit rows");
-        let rows = unsafe { memory.switch_to(|_| self.into_row_array(row_type, stream_id, session_id)) };
+        // SAFETY: the row type is the audit table's, looked up just now.
+        let rows = unsafe { self.into_row_array(row_type, stream_id, session_id) };
         sql::execute(
             "INSERT INTO meter.usage_audit_batches
                     (session_id, stream_id, meter_id, user_id, period_start, usage_ids, record_ids, rules, amounts,
@@ -124,11 +121,13 @@ impl AuditRows {
                FROM pg_catalog.unnest($1) b",
             &[rows],
         )?;
-        drop(memory);
         Ok(())
     }
 
     /// The rows as a `meter.usage_audit_batches[]` datum in the current memory context.
+    ///
+    /// # Safety
+    /// `row_type` must be the row type of `meter.usage_audit_batches`.
     unsafe fn into_row_array(
         self,
         row_type: pg_sys::Oid,
@@ -164,10 +163,11 @@ impl AuditRows {
             "record_ats",
         ]
         .map(position);
+        // Columns not set here (id, processed_at) stay NULL; the INSERT names its own.
+        let mut values = vec![pg_sys::Datum::from(0); columns.len()];
+        let mut nulls = vec![true; columns.len()];
         let mut elements = Vec::with_capacity(by_meter.len());
         for (meter_id, m) in by_meter {
-            let mut values = vec![pg_sys::Datum::from(0); columns.len()];
-            let mut nulls = vec![true; columns.len()];
             let fields = [
                 session_id.into_datum(),
                 stream_id.into_datum(),
@@ -192,11 +192,9 @@ impl AuditRows {
                     .collect::<Vec<_>>()
                     .into_datum(),
             ];
-            for (column, field) in at.iter().zip(fields) {
-                if let Some(datum) = field {
-                    values[*column] = datum;
-                    nulls[*column] = false;
-                }
+            for (&column, field) in at.iter().zip(fields) {
+                nulls[column] = field.is_none();
+                values[column] = field.unwrap_or(pg_sys::Datum::from(0));
             }
             unsafe {
                 let tuple = pg_sys::heap_form_tuple(descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());

@@ -238,7 +238,8 @@ fn process_all(session: &Session) -> Result<()> {
         let counts = sql::in_chunk_context(|| processor.process(&chunk))?;
         sessions::count(session.id, Counts::of(&counts), 0)?;
     }
-    processor.finish()?;
+    // The meters and audit rows kept across chunks, written once.
+    sql::in_chunk_context(|| processor.finish())?;
     start_closing(session.id)
 }
 
