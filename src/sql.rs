@@ -29,22 +29,16 @@ thread_local! {
 /// small (an index-less scan of a then-empty `dedupe_keys`, say) turns quadratic
 /// as it grows.
 pub fn with_fresh_plans<R>(f: impl FnOnce() -> R) -> R {
-    /// Puts the flag back however `f` ends (an ERROR unwinds through here).
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FRESH_PLANS.with(|fresh| fresh.set(self.0));
-        }
-    }
-    let _restore = Restore(FRESH_PLANS.with(|fresh| fresh.replace(true)));
-    f()
+    let flag = FRESH_PLANS.with(std::cell::Cell::as_ptr);
+    // SAFETY: this thread's flag, which lives as long as the thread.
+    unsafe { with_global(flag, true, f) }
 }
 
-/// Sets a backend-global planner variable while `f` runs, and puts it back
-/// however `f` ends (an ERROR unwinds through here).
+/// Sets a backend-global variable while `f` runs, and puts it back however `f`
+/// ends (an ERROR unwinds through here).
 ///
 /// # Safety
-/// `variable` must be a PostgreSQL global of this backend, only used by this thread.
+/// `variable` must stay valid while `f` runs and be used by this thread only.
 unsafe fn with_global<T: Copy, R>(variable: *mut T, value: T, f: impl FnOnce() -> R) -> R {
     struct Restore<T: Copy>(*mut T, T);
     impl<T: Copy> Drop for Restore<T> {

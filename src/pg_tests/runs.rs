@@ -9,6 +9,37 @@ mod tests {
     use pgrx::prelude::*;
     use serde_json::json;
 
+    /// The planner settings flushes and ingests change for their statements.
+    const PLANNER: [&str; 4] = [
+        "enable_seqscan",
+        "enable_hashjoin",
+        "enable_mergejoin",
+        "plan_cache_mode",
+    ];
+
+    fn planner_settings() -> [String; 4] {
+        PLANNER.map(|name| sql_text(&format!("SELECT current_setting('{name}')")).unwrap())
+    }
+
+    #[pg_test]
+    fn planner_settings_changed_for_a_statement_come_back_after_an_error() {
+        let before = planner_settings();
+        assert_eq!(before[0], "on");
+        let error = error_of(|| {
+            crate::sql::with_generic_plans(|| {
+                crate::sql::by_index_lookups(|| {
+                    assert_eq!(planner_settings(), ["off", "off", "off", "force_generic_plan"]);
+                    Spi::run("SELECT 1 / 0").unwrap();
+                })
+            })
+        });
+        assert_eq!(
+            error.map(|(code, _)| code),
+            Some(PgSqlErrorCode::ERRCODE_DIVISION_BY_ZERO)
+        );
+        assert_eq!(planner_settings(), before);
+    }
+
     /// A daily sum meter type, a stream that auto-creates meters, one meter.
     fn daily(flush_by: &str) -> i64 {
         run("SELECT meter.create_meter_type('calls', 'sum', '@daily', 'Europe/Stockholm', unit => 'calls')");

@@ -31,6 +31,16 @@ pub fn sql_error(statement: &str) -> Option<(PgSqlErrorCode, String)> {
 pub fn sql_error_as(role: &str, statement: &str) -> Option<(PgSqlErrorCode, String)> {
     let statement = statement.to_string();
     let role = role.to_string();
+    error_of(move || {
+        if !role.is_empty() {
+            Spi::run(&format!("SET LOCAL ROLE {role}")).unwrap();
+        }
+        Spi::run(&statement).unwrap();
+    })
+}
+
+/// The error `f` raises, if any: code and message. As `sql_error`.
+pub fn error_of(f: impl FnOnce() + std::panic::UnwindSafe) -> Option<(PgSqlErrorCode, String)> {
     // As PL/pgSQL's exception blocks do: a subtransaction around the statement,
     // rolled back whatever happens, with memory context and resource owner restored.
     let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
@@ -39,10 +49,7 @@ pub fn sql_error_as(role: &str, statement: &str) -> Option<(PgSqlErrorCode, Stri
         pg_sys::MemoryContextSwitchTo(context);
     }
     let result = PgTryBuilder::new(|| {
-        if !role.is_empty() {
-            Spi::run(&format!("SET LOCAL ROLE {role}")).unwrap();
-        }
-        Spi::run(&statement).unwrap();
+        f();
         None
     })
     .catch_others(|e| match e {
