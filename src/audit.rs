@@ -36,26 +36,91 @@ struct MeterAudit {
     record_ats: Vec<Timestamp>,
 }
 
-/// What a record added to its meter; most amounts are whole numbers.
+/// What a record added to its meter. Most amounts are a 64-bit integer of digits
+/// and a decimal scale, which PostgreSQL turns into a numeric without text.
 enum Amount {
-    Whole(i64),
+    Scaled { digits: i64, scale: i32 },
     Decimal(Box<str>),
 }
 
+/// Scales `int64_div_fast_to_numeric` takes (numeric's own limit is far larger).
+const FAST_SCALES: std::ops::RangeInclusive<i64> = -1000..=1000;
+
 impl Amount {
     fn of(value: &BigDecimal) -> Amount {
-        match value.is_integer().then(|| value.to_i64()).flatten() {
-            Some(whole) => Amount::Whole(whole),
-            None => Amount::Decimal(value.to_plain_string().into_boxed_str()),
+        let (digits, scale) = value.as_bigint_and_scale();
+        match digits.to_i64() {
+            Some(digits) if FAST_SCALES.contains(&scale) => Amount::Scaled {
+                digits,
+                scale: scale as i32,
+            },
+            _ => Amount::Decimal(value.to_plain_string().into_boxed_str()),
         }
     }
 
-    fn to_numeric(&self) -> AnyNumeric {
+    /// A numeric datum in the current memory context: `digits / 10^scale`, with
+    /// `scale` decimal places, as `numeric_in` makes of the amount's plain text.
+    fn to_numeric(&self) -> pg_sys::Datum {
         match self {
-            Amount::Whole(whole) => AnyNumeric::from(*whole),
-            Amount::Decimal(text) => AnyNumeric::try_from(&**text).expect("a decimal's plain text is a numeric"),
+            Amount::Scaled { digits, scale } => {
+                // SAFETY: exact for any int64 and scale; allocates in the current context.
+                pg_sys::Datum::from(unsafe { pg_sys::int64_div_fast_to_numeric(*digits, *scale) })
+            }
+            Amount::Decimal(text) => AnyNumeric::try_from(&**text)
+                .expect("a decimal's plain text is a numeric")
+                .into_datum()
+                .expect("a numeric is a datum"),
         }
     }
+}
+
+/// An array element type, as `construct_md_array` needs it.
+struct ElementType {
+    oid: pg_sys::Oid,
+    len: i16,
+    by_value: bool,
+    align: std::ffi::c_char,
+}
+
+impl ElementType {
+    fn of(oid: pg_sys::Oid) -> ElementType {
+        let mut element = ElementType {
+            oid,
+            len: 0,
+            by_value: false,
+            align: 0,
+        };
+        // SAFETY: a built-in type; the out-parameters are ours.
+        unsafe { pg_sys::get_typlenbyvalalign(oid, &mut element.len, &mut element.by_value, &mut element.align) };
+        element
+    }
+
+    /// A one-dimensional array of `elements` (`nulls[i]`: element i is NULL),
+    /// copied into the current memory context.
+    fn array(&self, elements: &mut [pg_sys::Datum], nulls: Option<&mut [bool]>) -> pg_sys::Datum {
+        let (mut dims, mut lower_bounds) = ([elements.len() as i32], [1i32]);
+        // SAFETY: the datums are of this type, and `nulls` (if any) is as long as they are.
+        let array = unsafe {
+            pg_sys::construct_md_array(
+                elements.as_mut_ptr(),
+                nulls.map_or(std::ptr::null_mut(), |n| n.as_mut_ptr()),
+                1,
+                dims.as_mut_ptr(),
+                lower_bounds.as_mut_ptr(),
+                self.oid,
+                self.len as i32,
+                self.by_value,
+                self.align,
+            )
+        };
+        pg_sys::Datum::from(array)
+    }
+}
+
+/// A text datum of `text` in the current memory context.
+fn text_datum(text: &str) -> pg_sys::Datum {
+    // SAFETY: copies `text.len()` bytes from a live str.
+    pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(text.as_ptr().cast(), text.len() as i32) })
 }
 
 /// One audited record.
@@ -166,31 +231,41 @@ impl AuditRows {
         // Columns not set here (id, processed_at) stay NULL; the INSERT names its own.
         let mut values = vec![pg_sys::Datum::from(0); columns.len()];
         let mut nulls = vec![true; columns.len()];
+        let (int8, text, numeric, timestamptz) = (
+            ElementType::of(pg_sys::INT8OID),
+            ElementType::of(pg_sys::TEXTOID),
+            ElementType::of(pg_sys::NUMERICOID),
+            ElementType::of(pg_sys::TIMESTAMPTZOID),
+        );
+        // Each rule's text once: an array copies its elements.
+        let rule_texts: Vec<pg_sys::Datum> = rule_names.iter().map(|name| text_datum(name)).collect();
+        let (mut datums, mut datum_nulls) = (Vec::new(), Vec::new());
         let mut elements = Vec::with_capacity(by_meter.len());
         for (meter_id, m) in by_meter {
+            let mut array_of = |element: &ElementType, values: &mut dyn Iterator<Item = Option<pg_sys::Datum>>| {
+                datums.clear();
+                datum_nulls.clear();
+                for value in values {
+                    datum_nulls.push(value.is_none());
+                    datums.push(value.unwrap_or(pg_sys::Datum::from(0)));
+                }
+                let nulls = datum_nulls.contains(&true).then_some(&mut datum_nulls[..]);
+                Some(element.array(&mut datums, nulls))
+            };
             let fields = [
                 session_id.into_datum(),
                 stream_id.into_datum(),
                 meter_id.into_datum(),
                 m.user_id.into_datum(),
                 to_timestamptz(m.period_start).into_datum(),
-                m.usage_ids.into_datum(),
-                m.record_ids.into_datum(),
-                m.rules
-                    .iter()
-                    .map(|&rule| rule_names[rule as usize].as_str())
-                    .collect::<Vec<_>>()
-                    .into_datum(),
-                m.amounts
-                    .iter()
-                    .map(Amount::to_numeric)
-                    .collect::<Vec<_>>()
-                    .into_datum(),
-                m.record_ats
-                    .into_iter()
-                    .map(to_timestamptz)
-                    .collect::<Vec<_>>()
-                    .into_datum(),
+                array_of(&int8, &mut m.usage_ids.iter().map(|id| id.map(pg_sys::Datum::from))),
+                array_of(&text, &mut m.record_ids.iter().map(|id| id.as_deref().map(text_datum))),
+                array_of(&text, &mut m.rules.iter().map(|&rule| Some(rule_texts[rule as usize]))),
+                array_of(&numeric, &mut m.amounts.iter().map(|amount| Some(amount.to_numeric()))),
+                array_of(
+                    &timestamptz,
+                    &mut m.record_ats.iter().map(|&at| to_timestamptz(at).into_datum()),
+                ),
             ];
             for (&column, field) in at.iter().zip(fields) {
                 nulls[column] = field.is_none();

@@ -89,15 +89,19 @@ mod tests {
     fn the_audit_keeps_each_records_exact_amount_time_id_and_rule() {
         eu_and_all(true);
         // Ids that array text would have to quote, amounts past i64 and past 15
-        // digits, a time with microseconds, a record without an id.
+        // digits, a time with microseconds, a record without an id; amounts of
+        // 64-bit digits at several scales, down to i64's minimum.
         run(r#"SELECT meter.ingest('api', jsonb_build_array(
                    jsonb_build_object('id', 'a"b\c,{d} e', 'userId', 'acme', 'value', 0.1,
                                       'timestamp', to_char((now() - interval '0.000007 s') AT TIME ZONE 'UTC',
                                                            'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
                    jsonb_build_object('id', 'NULL', 'userId', 'acme', 'value', 123456789012345678901234567890.000000001),
                    jsonb_build_object('id', 'big', 'userId', 'acme', 'value', 9223372036854775808),
-                   jsonb_build_object('userId', 'acme', 'value', -7)))"#);
-        assert_eq!(process("api").metered, 4);
+                   jsonb_build_object('userId', 'acme', 'value', -7),
+                   jsonb_build_object('id', 'zeros', 'userId', 'acme', 'value', 47.2900000000000000),
+                   jsonb_build_object('id', 'tiny', 'userId', 'acme', 'value', -0.000000000000000000001),
+                   jsonb_build_object('id', 'i64-min', 'userId', 'acme', 'value', -92233720368547758.08)))"#);
+        assert_eq!(process("api").metered, 7);
         assert_eq!(
             rows(
                 "SELECT record_id, rule, value::text, record_at = now() - interval '0.000007 s' AS exact_time,
@@ -110,6 +114,13 @@ mod tests {
                  "exact_time": false, "from_inbox": true},
                 {"record_id": "big", "rule": "all", "value": "9223372036854775808", "exact_time": false, "from_inbox": true},
                 {"record_id": null, "rule": "all", "value": "-7", "exact_time": false, "from_inbox": true},
+                // Digits and scale kept as received: trailing zeros stay.
+                {"record_id": "zeros", "rule": "all", "value": "47.2900000000000000", "exact_time": false,
+                 "from_inbox": true},
+                {"record_id": "tiny", "rule": "all", "value": "-0.000000000000000000001", "exact_time": false,
+                 "from_inbox": true},
+                {"record_id": "i64-min", "rule": "all", "value": "-92233720368547758.08", "exact_time": false,
+                 "from_inbox": true},
             ])
         );
         assert_eq!(
