@@ -55,6 +55,45 @@ mod tests {
     }
 
     #[pg_test]
+    fn numerics_decode_as_numeric_out_prints_them() {
+        // Both signs, weights either side of the point, trailing zeros, scales
+        // past the short format's 63 and weights past its ±63, thousand-digit values.
+        let array = Spi::get_one::<jsonb::RawJsonb>(
+            "SELECT jsonb_agg(to_jsonb(v)) FROM (
+                 SELECT ((i * 7919) % 100003)::numeric / 10::numeric ^ (i % 30) * (1 - 2 * (i % 2)) FROM generate_series(0, 400) i
+                 UNION ALL SELECT 10::numeric ^ e * 1.5 FROM generate_series(-300, 300, 7) e
+                 UNION ALL SELECT v::numeric FROM unnest(ARRAY['0', '0.000', '-0.5', '9999', '10000', '99999999.99990000',
+                     '47.2900000000000000', '1e1000', '-1.5e-200', '0.00000000000000000000000000000000000000000000000000000000000000000001',
+                     '123456789012345678901234567890.123456789012345678901234567890', '-9223372036854775808']) v) q(v)",
+        )
+        .unwrap()
+        .unwrap();
+        let bytes = unsafe { jsonb::datum_bytes(array.0) };
+        let root = Container::from_varlena(&bytes).unwrap();
+        let mut checked = 0;
+        for node in root.elements() {
+            let Node::Number(numeric) = node else {
+                panic!("a number")
+            };
+            let printed = jsonb::numeric_out_text(numeric).unwrap();
+            assert_eq!(jsonb::decode_numeric(numeric).as_deref(), Some(printed.as_str()));
+            // The same numeric with a 1-byte varlena header.
+            let size = (u32::from_ne_bytes(numeric[..4].try_into().unwrap()) >> 2) as usize;
+            if numeric[0] & 0x03 == 0 && size - 3 < 128 {
+                let mut short = vec![(((size - 3) << 1) | 1) as u8];
+                short.extend_from_slice(&numeric[4..size]);
+                assert_eq!(jsonb::decode_numeric(&short).as_deref(), Some(printed.as_str()));
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 401 + 86 + 12);
+        // Truncated or malformed bytes are not decoded (numeric_out gets them).
+        assert_eq!(jsonb::decode_numeric(&[]), None);
+        assert_eq!(jsonb::decode_numeric(&[0x01, 0, 0]), None);
+        assert_eq!(jsonb::decode_numeric(&[0x20, 0, 0, 0, 0x00, 0xC0]), None);
+    }
+
+    #[pg_test]
     fn projections_keep_exactly_the_named_paths() {
         let paths: Vec<FieldPath> = ["userId", "device.os", "meta", "missing.deep", "scalar.x"]
             .iter()
@@ -62,24 +101,32 @@ mod tests {
             .collect();
         let projection = Projection::of(&paths);
         let record = json!({"userId": 7, "device": {"os": "ios", "model": "x"}, "meta": {"a": [1, {"b": 2}]}, "scalar": 5, "other": 1});
-        let projected = Spi::connect(|client| {
-            let row = client
-                .select("SELECT $1::jsonb", None, &[pgrx::JsonB(record.clone()).into()])
-                .unwrap()
-                .first()
-                .get::<jsonb::RawJsonb>(1)
-                .unwrap()
-                .unwrap()
-                .0;
-            let bytes = unsafe { jsonb::datum_bytes(row) };
-            projection.apply(Container::from_varlena(&bytes).unwrap())
-        });
-        assert_eq!(
-            projected,
-            json!({"userId": 7, "device": {"os": "ios"}, "meta": {"a": [1, {"b": 2}]}})
-        );
-        for path in &paths {
-            assert_eq!(path.get(&projected), path.get(&record), "{path}");
+        // Read in one pass over a small record's pairs, looked up one by one in a
+        // record of many more fields (past the 32 entries that store an offset).
+        let mut wide = record.clone();
+        for i in 0..100 {
+            wide[format!("extra{i}")] = json!(format!("value {i}"));
+        }
+        for record in [record, wide] {
+            let projected = Spi::connect(|client| {
+                let row = client
+                    .select("SELECT $1::jsonb", None, &[pgrx::JsonB(record.clone()).into()])
+                    .unwrap()
+                    .first()
+                    .get::<jsonb::RawJsonb>(1)
+                    .unwrap()
+                    .unwrap()
+                    .0;
+                let bytes = unsafe { jsonb::datum_bytes(row) };
+                projection.apply(Container::from_varlena(&bytes).unwrap())
+            });
+            assert_eq!(
+                projected,
+                json!({"userId": 7, "device": {"os": "ios"}, "meta": {"a": [1, {"b": 2}]}})
+            );
+            for path in &paths {
+                assert_eq!(path.get(&projected), path.get(&record), "{path}");
+            }
         }
     }
 }
