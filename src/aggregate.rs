@@ -153,33 +153,40 @@ impl SeenValues for HashSet<(String, String)> {
 }
 
 /// The group a record falls in: `{"key": "region=eu|plan=pro", "fields": {...}}`.
+/// It borrows the record's fields: most records fall in a group their meter
+/// already has, and only a new group needs them copied (`fields`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct GroupRef {
+pub struct GroupRef<'a> {
     pub key: String,
-    pub fields: Map<String, Value>,
+    /// Each `group_by` path with the record's value there (`None`: missing).
+    values: Vec<(&'a str, Option<&'a Value>)>,
 }
 
-impl GroupRef {
+impl<'a> GroupRef<'a> {
     /// The group of `record` by `group_by`; `None` when the rule does not group.
     /// A missing field groups as null. `|`, `=` and `\` in values are escaped so
     /// different field values never share a key.
-    pub fn of(record: &Value, group_by: &[FieldPath]) -> Option<GroupRef> {
+    pub fn of(record: &'a Value, group_by: &'a [FieldPath]) -> Option<GroupRef<'a>> {
         if group_by.is_empty() {
             return None;
         }
         let mut key = String::new();
-        let mut fields = Map::new();
+        let mut values = Vec::with_capacity(group_by.len());
         for (i, path) in group_by.iter().enumerate() {
-            let value = path.get(record).cloned().unwrap_or(Value::Null);
+            let value = path.get(record);
             if i > 0 {
                 key.push('|');
             }
             key.push_str(path.as_str());
             key.push('=');
-            let text = match &value {
-                Value::Null => String::new(),
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
+            let printed;
+            let text = match value {
+                None | Some(Value::Null) => "",
+                Some(Value::String(s)) => s,
+                Some(other) => {
+                    printed = other.to_string();
+                    &printed
+                }
             };
             for c in text.chars() {
                 if matches!(c, '|' | '=' | '\\') {
@@ -187,9 +194,17 @@ impl GroupRef {
                 }
                 key.push(c);
             }
-            fields.insert(path.as_str().to_string(), value);
+            values.push((path.as_str(), value));
         }
-        Some(GroupRef { key, fields })
+        Some(GroupRef { key, values })
+    }
+
+    /// The group's fields as stored: each path with its value (null when missing).
+    pub fn fields(&self) -> Map<String, Value> {
+        self.values
+            .iter()
+            .map(|(path, value)| (path.to_string(), value.cloned().unwrap_or(Value::Null)))
+            .collect()
     }
 }
 
@@ -207,7 +222,7 @@ pub struct Usage<'a> {
     pub contribution: Contribution,
     /// The record's time (its timestamp, or the processing time).
     pub at: Timestamp,
-    pub group: Option<GroupRef>,
+    pub group: Option<GroupRef<'a>>,
     pub carry_first: Vec<(&'a str, &'a Value)>,
     pub carry_last: Vec<(&'a str, &'a Value)>,
 }
@@ -258,11 +273,15 @@ impl MeterState {
             seen,
         );
         if let Some(group) = &usage.group {
-            let state = self.groups.entry(group.key.clone()).or_insert_with(|| GroupState {
-                fields: group.fields.clone(),
-                value: aggregation.reset_value(),
-                latest_at: None,
-            });
+            if !self.groups.contains_key(&group.key) {
+                let state = GroupState {
+                    fields: group.fields(),
+                    value: aggregation.reset_value(),
+                    latest_at: None,
+                };
+                self.groups.insert(group.key.clone(), state);
+            }
+            let state = self.groups.get_mut(&group.key).expect("inserted above");
             fold(
                 aggregation,
                 &mut state.value,
@@ -279,7 +298,14 @@ impl MeterState {
             }
         }
         for (field, value) in &usage.carry_last {
-            self.carry_last.insert(field.to_string(), (*value).clone());
+            match self.carry_last.get_mut(*field) {
+                // Most records carry what the last one did: nothing to copy.
+                Some(kept) if kept == *value => {}
+                Some(kept) => *kept = (*value).clone(),
+                None => {
+                    self.carry_last.insert(field.to_string(), (*value).clone());
+                }
+            }
         }
         self.first_record_at = Some(self.first_record_at.map_or(usage.at, |t| t.min(usage.at)));
         self.last_record_at = Some(self.last_record_at.map_or(usage.at, |t| t.max(usage.at)));
@@ -448,10 +474,7 @@ mod tests {
         let group_by = [FieldPath::parse("region").unwrap(), FieldPath::parse("plan").unwrap()];
         let first = GroupRef::of(&record, &group_by).unwrap();
         assert_eq!(first.key, "region=eu|plan=pro");
-        assert_eq!(
-            Value::Object(first.fields.clone()),
-            json!({"region": "eu", "plan": "pro"})
-        );
+        assert_eq!(Value::Object(first.fields()), json!({"region": "eu", "plan": "pro"}));
         let mut state = MeterState::reset(Aggregation::Sum);
         let mut seen = HashSet::new();
         let os = json!("ios");
@@ -514,9 +537,10 @@ mod tests {
     #[test]
     fn group_keys_escape_separators_and_missing_fields_are_null() {
         let group_by = [FieldPath::parse("a").unwrap(), FieldPath::parse("b").unwrap()];
-        let tricky = GroupRef::of(&json!({"a": "x|b=y"}), &group_by).unwrap();
+        let record = json!({"a": "x|b=y"});
+        let tricky = GroupRef::of(&record, &group_by).unwrap();
         assert_eq!(tricky.key, "a=x\\|b\\=y|b=");
-        assert_eq!(tricky.fields.get("b"), Some(&Value::Null));
+        assert_eq!(tricky.fields().get("b"), Some(&Value::Null));
         assert_ne!(
             tricky.key,
             GroupRef::of(&json!({"a": "x", "b": "y|b="}), &group_by).unwrap().key

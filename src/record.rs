@@ -288,11 +288,11 @@ pub fn extract<'a>(record: &'a Value, fields: &FieldMap, clock: &Clock) -> Resul
             found: json_kind(record),
         });
     }
-    let user_field = fields.user_id.as_str().to_string();
+    let user_field = || fields.user_id.as_str().to_string();
     let user_id = match fields.user_id.get(record) {
-        None => return Err(Rejection::MissingUserId { field: user_field }),
+        None => return Err(Rejection::MissingUserId { field: user_field() }),
         Some(v) => id_text(v).map_err(|reason| Rejection::InvalidUserId {
-            field: user_field,
+            field: user_field(),
             reason,
         })?,
     };
