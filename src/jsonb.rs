@@ -141,7 +141,11 @@ impl<'a> Container<'a> {
     }
 
     fn key(&self, index: usize) -> &'a [u8] {
-        match self.node(index) {
+        self.key_at(index, self.offset(index))
+    }
+
+    fn key_at(&self, index: usize, offset: usize) -> &'a [u8] {
+        match self.node_at(index, offset) {
             Node::String(key) => key,
             _ => &[],
         }
@@ -170,21 +174,23 @@ impl<'a> Container<'a> {
     /// The elements of an array (the one element of a scalar root).
     pub fn elements(self) -> impl Iterator<Item = Node<'a>> {
         let count = if self.is_object() { 0 } else { self.len() };
-        (0..count).map(move |i| self.node(i))
+        let mut offset = 0;
+        (0..count).map(move |i| {
+            let node = self.node_at(i, offset);
+            offset = self.end(i, offset);
+            node
+        })
     }
 
     /// An object's (key, value) pairs in stored order, each entry's offset found
-    /// once (`node` walks back over earlier entries for each).
+    /// once, as `elements` does (`node` walks back over earlier entries for each).
     fn pairs(self) -> impl Iterator<Item = (&'a [u8], Node<'a>)> {
         let count = if self.is_object() { self.len() } else { 0 };
         // Values are stored after every key.
         let values_start = (0..count).fold(0, |offset, i| self.end(i, offset));
         let (mut key_offset, mut value_offset) = (0, values_start);
         (0..count).map(move |i| {
-            let key = match self.node_at(i, key_offset) {
-                Node::String(key) => key,
-                _ => &[],
-            };
+            let key = self.key_at(i, key_offset);
             let value = self.node_at(count + i, value_offset);
             key_offset = self.end(i, key_offset);
             value_offset = self.end(count + i, value_offset);
