@@ -74,55 +74,6 @@ impl Amount {
     }
 }
 
-/// An array element type, as `construct_md_array` needs it.
-struct ElementType {
-    oid: pg_sys::Oid,
-    len: i16,
-    by_value: bool,
-    align: std::ffi::c_char,
-}
-
-impl ElementType {
-    fn of(oid: pg_sys::Oid) -> ElementType {
-        let mut element = ElementType {
-            oid,
-            len: 0,
-            by_value: false,
-            align: 0,
-        };
-        // SAFETY: a built-in type; the out-parameters are ours.
-        unsafe { pg_sys::get_typlenbyvalalign(oid, &mut element.len, &mut element.by_value, &mut element.align) };
-        element
-    }
-
-    /// A one-dimensional array of `elements` (`nulls[i]`: element i is NULL),
-    /// copied into the current memory context.
-    fn array(&self, elements: &mut [pg_sys::Datum], nulls: Option<&mut [bool]>) -> pg_sys::Datum {
-        let (mut dims, mut lower_bounds) = ([elements.len() as i32], [1i32]);
-        // SAFETY: the datums are of this type, and `nulls` (if any) is as long as they are.
-        let array = unsafe {
-            pg_sys::construct_md_array(
-                elements.as_mut_ptr(),
-                nulls.map_or(std::ptr::null_mut(), |n| n.as_mut_ptr()),
-                1,
-                dims.as_mut_ptr(),
-                lower_bounds.as_mut_ptr(),
-                self.oid,
-                self.len as i32,
-                self.by_value,
-                self.align,
-            )
-        };
-        pg_sys::Datum::from(array)
-    }
-}
-
-/// A text datum of `text` in the current memory context.
-fn text_datum(text: &str) -> pg_sys::Datum {
-    // SAFETY: copies `text.len()` bytes from a live str.
-    pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(text.as_ptr().cast(), text.len() as i32) })
-}
-
 /// One audited record.
 pub struct AuditedRecord<'a> {
     pub meter_id: i64,
@@ -232,17 +183,17 @@ impl AuditRows {
         let mut values = vec![pg_sys::Datum::from(0); columns.len()];
         let mut nulls = vec![true; columns.len()];
         let (int8, text, numeric, timestamptz) = (
-            ElementType::of(pg_sys::INT8OID),
-            ElementType::of(pg_sys::TEXTOID),
-            ElementType::of(pg_sys::NUMERICOID),
-            ElementType::of(pg_sys::TIMESTAMPTZOID),
+            sql::ElementType::of(pg_sys::INT8OID),
+            sql::ElementType::of(pg_sys::TEXTOID),
+            sql::ElementType::of(pg_sys::NUMERICOID),
+            sql::ElementType::of(pg_sys::TIMESTAMPTZOID),
         );
         // Each rule's text once: an array copies its elements.
-        let rule_texts: Vec<pg_sys::Datum> = rule_names.iter().map(|name| text_datum(name)).collect();
+        let rule_texts: Vec<pg_sys::Datum> = rule_names.iter().map(|name| sql::text_datum(name)).collect();
         let (mut datums, mut datum_nulls) = (Vec::new(), Vec::new());
         let mut elements = Vec::with_capacity(by_meter.len());
         for (meter_id, m) in by_meter {
-            let mut array_of = |element: &ElementType, values: &mut dyn Iterator<Item = Option<pg_sys::Datum>>| {
+            let mut array_of = |element: &sql::ElementType, values: &mut dyn Iterator<Item = Option<pg_sys::Datum>>| {
                 datums.clear();
                 datum_nulls.clear();
                 for value in values {
@@ -259,7 +210,10 @@ impl AuditRows {
                 m.user_id.into_datum(),
                 to_timestamptz(m.period_start).into_datum(),
                 array_of(&int8, &mut m.usage_ids.iter().map(|id| id.map(pg_sys::Datum::from))),
-                array_of(&text, &mut m.record_ids.iter().map(|id| id.as_deref().map(text_datum))),
+                array_of(
+                    &text,
+                    &mut m.record_ids.iter().map(|id| id.as_deref().map(sql::text_datum)),
+                ),
                 array_of(&text, &mut m.rules.iter().map(|&rule| Some(rule_texts[rule as usize]))),
                 array_of(&numeric, &mut m.amounts.iter().map(|amount| Some(amount.to_numeric()))),
                 array_of(

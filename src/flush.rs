@@ -12,8 +12,9 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 
 use crate::catalog::{self, MeterTypeSettings};
-use crate::convert::{to_timestamp, to_timestamptz};
+use crate::convert::{from_pg_micros, to_timestamptz};
 use crate::errors::Result;
+use crate::flushed_record::{MeterRecord, RecordContext, COLUMNS};
 use crate::locks;
 use crate::schedule::{period_after_flush_at, period_after_period_end, Period};
 use crate::sql;
@@ -87,11 +88,8 @@ impl Action {
 
 /// A meter a flush takes, as read before deciding.
 struct Candidate {
-    id: i64,
-    type_id: i64,
     period_end: Option<Timestamp>,
-    has_usage: bool,
-    delete_on_reset: bool,
+    record: MeterRecord,
 }
 
 /// What happens to one meter (SPEC §8): flushed at period end even without
@@ -108,9 +106,9 @@ fn plan(
         Scope::All { at } => at,
     };
     if settings.active_to.is_some_and(|to| to <= end) {
-        return (end, candidate.has_usage, Action::Close, None);
+        return (end, candidate.record.record_count > 0, Action::Close, None);
     }
-    if candidate.delete_on_reset {
+    if candidate.record.delete_on_reset {
         return (end, true, Action::Delete, None);
     }
     let period = *periods.entry((settings.id, end)).or_insert_with(|| match scope {
@@ -124,6 +122,11 @@ fn plan(
 /// meters. Meters locked by someone else (a realtime ingest) are skipped when
 /// flushing due meters: they are flushed by that ingest or the next scan.
 pub fn flush(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64, after: Position) -> Result<Flushed> {
+    // The records are palloc'd: one chunk's worth at a time.
+    sql::in_chunk_context(|| flush_chunk(stream_id, session_id, scope, limit, after))
+}
+
+fn flush_chunk(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64, after: Position) -> Result<Flushed> {
     let candidates = select(stream_id, scope, limit, after)?;
     let Some(last) = candidates.last() else {
         return Ok(Flushed {
@@ -133,28 +136,57 @@ pub fn flush(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64, 
     };
     let next = Position {
         period_end: last.period_end,
-        id: last.id,
+        id: last.record.id,
     };
-    let mut type_ids: Vec<i64> = candidates.iter().map(|c| c.type_id).collect();
+    let mut type_ids: Vec<i64> = candidates.iter().map(|c| c.record.meter_type_id).collect();
     type_ids.sort_unstable();
     type_ids.dedup();
     let types = catalog::load_meter_types_by_id(&type_ids)?;
+    let meter_key = sql::one::<String>("SELECT meter_key FROM meter.streams WHERE id = $1", &[stream_id.into()])?
+        .unwrap_or_default();
     let mut periods = HashMap::new();
     let mut columns = Columns::default();
-    for candidate in &candidates {
-        let (end, emit, action, period) = plan(candidate, &types[&candidate.type_id], scope, &mut periods);
-        columns.ids.push(candidate.id);
-        columns.record_ends.push(to_timestamptz(end));
-        columns.emit.push(emit);
-        columns.actions.push(action.name().to_string());
+    // The records written, by meter: meter id, candidate, period end.
+    let mut records = Vec::new();
+    for (index, candidate) in candidates.iter().enumerate() {
+        let settings = &types[&candidate.record.meter_type_id];
+        let (end, emit, action, period) = plan(candidate, settings, scope, &mut periods);
+        let record = emit.then(|| {
+            candidate.record.to_jsonb(&RecordContext {
+                meter_type_name: &settings.name,
+                meter_key: &meter_key,
+                period_end: end,
+            })
+        });
+        if record.is_some() {
+            records.push((candidate.record.id, index, end));
+        }
+        columns.ids.push(candidate.record.id);
+        columns.user_ids.push(candidate.record.user_id.as_str());
+        columns.records.push(record.map(pg_sys::Datum::from));
+        columns.actions.push(action.name());
         columns.new_starts.push(to_timestamptz(period.map_or(end, |p| p.start)));
         columns.new_ends.push(period.and_then(|p| p.end).map(to_timestamptz));
     }
     locks::outbox()?;
-    let records = apply(session_id, columns)?;
+    let written = apply(stream_id, session_id, columns)?;
+    records.sort_unstable_by_key(|(meter_id, ..)| *meter_id);
+    ring_doorbell(&written, |meter_id, first, out| {
+        let at = records
+            .binary_search_by_key(&meter_id, |(id, ..)| *id)
+            .expect("every record written was built for a meter of the chunk");
+        let (_, index, end) = records[at];
+        let record = &candidates[index].record;
+        let context = RecordContext {
+            meter_type_name: &types[&record.meter_type_id].name,
+            meter_key: &meter_key,
+            period_end: end,
+        };
+        record.write_text(&context, Some(first), out);
+    })?;
     Ok(Flushed {
         meters: candidates.len() as i64,
-        records,
+        records: written.flush_ids.len() as i64,
         next,
     })
 }
@@ -163,15 +195,17 @@ fn select(stream_id: i64, scope: Scope, limit: i64, after: Position) -> Result<V
     let after_end = after
         .period_end
         .map_or_else(TimestampWithTimeZone::negative_infinity, to_timestamptz);
-    let (query, args): (&str, Vec<pgrx::datum::DatumWithOid>) = match scope {
+    let (query, args): (String, Vec<pgrx::datum::DatumWithOid>) = match scope {
         Scope::Due { as_of, users } => (
-            "SELECT id, meter_type_id, period_end, record_count > 0, delete_on_reset
-               FROM meter.meters
-              WHERE stream_id = $1 AND closed_at IS NULL AND period_end <= $2
-                AND (period_end, id) > ($5, $6)
-                AND ($4::text[] IS NULL OR user_id = ANY ($4))
-              ORDER BY period_end, id LIMIT $3   -- the meters_due index order
-              FOR UPDATE SKIP LOCKED",
+            format!(
+                "SELECT period_end, {COLUMNS}
+                   FROM meter.meters
+                  WHERE stream_id = $1 AND closed_at IS NULL AND period_end <= $2
+                    AND (period_end, id) > ($5, $6)
+                    AND ($4::text[] IS NULL OR user_id = ANY ($4))
+                  ORDER BY period_end, id LIMIT $3   -- the meters_due index order
+                  FOR UPDATE SKIP LOCKED"
+            ),
             vec![
                 stream_id.into(),
                 to_timestamptz(as_of).into(),
@@ -182,11 +216,13 @@ fn select(stream_id: i64, scope: Scope, limit: i64, after: Position) -> Result<V
             ],
         ),
         Scope::All { at } => (
-            "SELECT id, meter_type_id, period_end, record_count > 0, delete_on_reset
-               FROM meter.meters
-              WHERE stream_id = $1 AND closed_at IS NULL AND period_start < $2 AND id > $4
-              ORDER BY id LIMIT $3
-              FOR UPDATE",
+            format!(
+                "SELECT period_end, {COLUMNS}
+                   FROM meter.meters
+                  WHERE stream_id = $1 AND closed_at IS NULL AND period_start < $2 AND id > $4
+                  ORDER BY id LIMIT $3
+                  FOR UPDATE"
+            ),
             vec![
                 stream_id.into(),
                 to_timestamptz(at).into(),
@@ -195,77 +231,48 @@ fn select(stream_id: i64, scope: Scope, limit: i64, after: Position) -> Result<V
             ],
         ),
     };
-    Spi::connect_mut(|client| {
-        let rows = sql::run(client, query, &args)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(Candidate {
-                id: r.get::<i64>(1)?.unwrap(),
-                type_id: r.get::<i64>(2)?.unwrap(),
-                period_end: r.get::<TimestampWithTimeZone>(3)?.and_then(to_timestamp),
-                has_usage: r.get::<bool>(4)?.unwrap(),
-                delete_on_reset: r.get::<bool>(5)?.unwrap(),
-            });
-        }
-        Ok(out)
-    })
+    let mut candidates = Vec::new();
+    sql::for_each_row(&query, &args, |values, nulls| {
+        // SAFETY: a row of the query above, which selects the period end, then COLUMNS.
+        candidates.push(Candidate {
+            period_end: (!nulls[0]).then(|| from_pg_micros(values[0].value() as i64)).flatten(),
+            record: unsafe { MeterRecord::read(values, nulls, 1) },
+        });
+        Ok(())
+    })?;
+    Ok(candidates)
 }
 
+/// The plan of a chunk, one entry per meter.
 #[derive(Default)]
-struct Columns {
+struct Columns<'a> {
     ids: Vec<i64>,
-    record_ends: Vec<TimestampWithTimeZone>,
-    emit: Vec<bool>,
-    actions: Vec<String>,
+    user_ids: Vec<&'a str>,
+    /// The record to write, when the meter is flushed (not only closed).
+    records: Vec<Option<pg_sys::Datum>>,
+    actions: Vec<&'static str>,
     new_starts: Vec<TimestampWithTimeZone>,
     new_ends: Vec<Option<TimestampWithTimeZone>>,
 }
 
-/// One statement: write the outbox records (with the period end the flush gives
-/// them), ring the doorbell, then reset, close or delete the meters. All its
-/// parts see the meters as they were before it.
+/// One statement: write the outbox records, then reset, close or delete the
+/// meters. All its parts see the meters as they were before it. It returns the
+/// flush ids it gave, with their meters, and whether the notification queue is
+/// under pressure.
 const APPLY: &str = "WITH plan AS (
-             SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::boolean[], $4::text[], $5::timestamptz[],
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[],
                                   $6::timestamptz[])
-                 AS p(id, record_end, emit, action, new_start, new_end)),
+                 AS p(id, user_id, record, action, new_start, new_end)),
          outbox AS (
              INSERT INTO meter.flushed (stream_id, session_id, meter_id, user_id, record)
-             SELECT m.stream_id, $7, m.id, m.user_id,
-                    -- The period end this flush gives the record, when it is not the
-                    -- meter's own (a flush by stream execution, a meter without an end):
-                    -- merging it in decodes and re-encodes the record, so only then.
-                    CASE WHEN m.period_end IS NOT DISTINCT FROM p.record_end THEN meter.record_json(m, t, s)
-                         ELSE meter.record_json(m, t, s)
-                              || pg_catalog.jsonb_build_object('periodEnd', meter.iso_utc(p.record_end)) END
+             SELECT $7, $8, p.id, p.user_id, p.record
                FROM plan p
-               JOIN meter.meters m ON m.id = p.id
-               JOIN meter.meter_types t ON t.id = m.meter_type_id
-               JOIN meter.streams s ON s.id = m.stream_id
-              WHERE p.emit
-              ORDER BY m.id
-             RETURNING id, meter_id, record),
-         queue AS (
-             SELECT pg_catalog.pg_notification_queue_usage() * 100 >= $9 AS is_full),
-         doorbell AS (
-             SELECT pg_catalog.pg_notify($8, CASE WHEN pg_catalog.octet_length(full_payload) < 8000 THEN full_payload
-                    ELSE pg_catalog.jsonb_build_object('flushId', o.id, 'meterId', o.meter_id, 'truncated', true)::text END)
-               -- The record's text with flushId put first: the same JSON as merging it
-               -- into the jsonb, without decoding and re-encoding every record again.
-               -- (substr from the second character copies the rest without counting
-               -- characters, as left(…, -1) would.)
-               FROM (SELECT o.*, '{\"flushId\": ' || o.id || ', ' || pg_catalog.substr(o.record::text, 2) AS full_payload
-                       FROM outbox o ORDER BY o.id) o
-              WHERE NOT (SELECT is_full FROM queue)
-             UNION ALL
-             -- Under queue pressure: one doorbell for the chunk, naming its flush ids.
-             SELECT pg_catalog.pg_notify($8, pg_catalog.jsonb_build_object(
-                        'flushIds', pg_catalog.jsonb_build_array(min(o.id), max(o.id)), 'count', count(*),
-                        'queuePressure', true)::text)
-               FROM outbox o
-             HAVING count(*) > 0 AND (SELECT is_full FROM queue)),
+              WHERE p.record IS NOT NULL
+              ORDER BY p.id
+             RETURNING id, meter_id),
          deleted AS (
              DELETE FROM meter.meters m USING plan p
-              WHERE m.id = p.id AND p.action = 'delete' RETURNING m.id),
+              WHERE m.id = p.id AND p.action = 'delete'),
          forgotten AS (
              DELETE FROM meter.meter_distinct d USING plan p
               WHERE d.meter_id = p.id AND p.action <> 'delete'),
@@ -279,28 +286,99 @@ const APPLY: &str = "WITH plan AS (
                     closed_at = CASE WHEN p.action = 'close' THEN pg_catalog.now() END,
                     updated_at = pg_catalog.now()
                FROM plan p, meter.meter_types t
-              WHERE m.id = p.id AND p.action <> 'delete' AND t.id = m.meter_type_id
-             RETURNING m.id)
-         SELECT (SELECT count(*) FROM outbox) + 0 * (SELECT count(*) FROM doorbell)
-              + 0 * (SELECT count(*) FROM deleted) + 0 * (SELECT count(*) FROM reset)";
+              WHERE m.id = p.id AND p.action <> 'delete' AND t.id = m.meter_type_id)
+         SELECT coalesce(pg_catalog.array_agg(o.id ORDER BY o.id), '{}'),
+                coalesce(pg_catalog.array_agg(o.meter_id ORDER BY o.id), '{}'),
+                pg_catalog.pg_notification_queue_usage() * 100 >= $9
+           FROM outbox o";
+
+/// What `APPLY` wrote: flush ids in order, with the meter of each.
+struct Written {
+    flush_ids: Vec<i64>,
+    meter_ids: Vec<i64>,
+    queue_pressure: bool,
+}
 
 /// Runs `APPLY` for one chunk's plan. It finds the chunk's meters by index
 /// (`by_index_lookups`): left to itself, the planner scans the whole table for
 /// every chunk, which is quadratic over a million-meter flush.
-fn apply(session_id: Option<i64>, c: Columns) -> Result<i64> {
+fn apply(stream_id: i64, session_id: Option<i64>, c: Columns) -> Result<Written> {
+    let mut records = c.records;
+    let mut nulls: Vec<bool> = records.iter().map(Option::is_none).collect();
+    let mut datums: Vec<pg_sys::Datum> = records
+        .iter_mut()
+        .map(|r| r.unwrap_or(pg_sys::Datum::from(0)))
+        .collect();
+    let records = sql::ElementType::of(pg_sys::JSONBOID).array(&mut datums, Some(&mut nulls));
     let args = [
         c.ids.into(),
-        c.record_ends.into(),
-        c.emit.into(),
+        c.user_ids.into(),
+        // SAFETY: a jsonb[] just built in the current memory context.
+        unsafe { pgrx::datum::DatumWithOid::new(records, pg_sys::JSONBARRAYOID) },
         c.actions.into(),
         c.new_starts.into(),
         c.new_ends.into(),
+        stream_id.into(),
         session_id.into(),
-        FLUSHED_CHANNEL.into(),
         crate::gucs::NOTIFY_QUEUE_LIMIT.get().into(),
     ];
-    let records = sql::by_index_lookups(|| sql::one::<i64>(APPLY, &args))?;
-    Ok(records.unwrap_or(0))
+    sql::by_index_lookups(|| {
+        Spi::connect_mut(|client| {
+            let row = sql::run(client, APPLY, &args)?.first();
+            Ok(Written {
+                flush_ids: row.get::<Vec<i64>>(1)?.unwrap_or_default(),
+                meter_ids: row.get::<Vec<i64>>(2)?.unwrap_or_default(),
+                queue_pressure: row.get::<bool>(3)?.unwrap_or(false),
+            })
+        })
+    })
+}
+
+/// Rings the `meter_flushed` doorbell for each record written, in flush-id order:
+/// the record's JSON with its flushId put first (the same JSON as merging it in),
+/// which `write_record(meter_id, first_field, out)` writes. A record too long for
+/// a notification rings with its ids only; under queue pressure the chunk rings
+/// once, naming its flush ids.
+fn ring_doorbell(written: &Written, write_record: impl Fn(i64, &[u8], &mut Vec<u8>)) -> Result<()> {
+    let (Some(first), Some(last)) = (written.flush_ids.first(), written.flush_ids.last()) else {
+        return Ok(());
+    };
+    if written.queue_pressure {
+        return notify(
+            format!(
+                "{{\"count\": {}, \"flushIds\": [{first}, {last}], \"queuePressure\": true}}",
+                written.flush_ids.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let mut payload = Vec::new();
+    for (flush_id, meter_id) in written.flush_ids.iter().zip(&written.meter_ids) {
+        payload.clear();
+        write_record(*meter_id, format!("\"flushId\": {flush_id}").as_bytes(), &mut payload);
+        if payload.len() >= NOTIFY_PAYLOAD_LIMIT {
+            payload.clear();
+            payload.extend_from_slice(
+                format!("{{\"flushId\": {flush_id}, \"meterId\": {meter_id}, \"truncated\": true}}").as_bytes(),
+            );
+        }
+        notify(&payload)?;
+    }
+    Ok(())
+}
+
+/// NOTIFY payloads must be shorter than this many bytes.
+const NOTIFY_PAYLOAD_LIMIT: usize = 8000;
+
+/// `pg_notify(meter_flushed, payload)`.
+fn notify(payload: &[u8]) -> Result<()> {
+    let channel = sql::text_datum(FLUSHED_CHANNEL);
+    // SAFETY: copies the payload's bytes (text in the database encoding, as jsonb printed it).
+    let payload =
+        pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(payload.as_ptr().cast(), payload.len() as i32) });
+    // SAFETY: pg_notify takes two non-null text arguments.
+    unsafe { pgrx::direct_function_call_as_datum(pg_sys::pg_notify, &[Some(channel), Some(payload)]) };
+    Ok(())
 }
 
 /// How many meters of the stream a flush would take now (DEBUG runs report it).

@@ -184,7 +184,7 @@ impl<'a> Container<'a> {
 
     /// An object's (key, value) pairs in stored order, each entry's offset found
     /// once, as `elements` does (`node` walks back over earlier entries for each).
-    fn pairs(self) -> impl Iterator<Item = (&'a [u8], Node<'a>)> {
+    pub fn pairs(self) -> impl Iterator<Item = (&'a [u8], Node<'a>)> {
         let count = if self.is_object() { self.len() } else { 0 };
         // Values are stored after every key.
         let values_start = (0..count).fold(0, |offset, i| self.end(i, offset));

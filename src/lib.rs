@@ -24,6 +24,7 @@ mod catalog;
 mod convert;
 mod errors;
 mod flush;
+mod flushed_record;
 mod gucs;
 mod inbox;
 mod jsonb;

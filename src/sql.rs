@@ -126,6 +126,40 @@ pub fn run<'conn>(
     client.update(&*plan, None, args)
 }
 
+/// Runs `query` and hands `row` each result row's columns, deformed in one pass
+/// (pgrx reads a row one column at a time, each read walking over the columns
+/// before it once any is NULL). The datums point into the result, which lasts
+/// only while `row` runs.
+pub fn for_each_row(
+    query: &str,
+    args: &[DatumWithOid],
+    mut row: impl FnMut(&[pg_sys::Datum], &[bool]) -> Result<()>,
+) -> Result<()> {
+    Spi::connect_mut(|client| {
+        let _result = run(client, query, args)?;
+        // SAFETY: the result of the statement just run, kept alive by `_result`.
+        unsafe {
+            let table = pg_sys::SPI_tuptable;
+            if table.is_null() {
+                return Ok(());
+            }
+            let descriptor = (*table).tupdesc;
+            let columns = (*descriptor).natts as usize;
+            let (mut values, mut nulls) = (vec![pg_sys::Datum::from(0); columns], vec![true; columns]);
+            for i in 0..(*table).numvals as usize {
+                pg_sys::heap_deform_tuple(
+                    *(*table).vals.add(i),
+                    descriptor,
+                    values.as_mut_ptr(),
+                    nulls.as_mut_ptr(),
+                );
+                row(&values, &nulls)?;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// The first column of the first row, or `None` when there is no row (or it is NULL).
 pub fn one<T: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid]) -> Result<Option<T>> {
     Spi::connect_mut(|client| {
@@ -284,4 +318,53 @@ mod dynamic_sql {
         assert_eq!(interpolations(format), vec!["name"]);
         assert_eq!(interpolations(r#"{{ "a": {A_B}, "b": {} }}"#), vec!["A_B", ""]);
     }
+}
+
+/// An array element type, as `construct_md_array` needs it.
+pub struct ElementType {
+    oid: pg_sys::Oid,
+    len: i16,
+    by_value: bool,
+    align: std::ffi::c_char,
+}
+
+impl ElementType {
+    pub fn of(oid: pg_sys::Oid) -> ElementType {
+        let mut element = ElementType {
+            oid,
+            len: 0,
+            by_value: false,
+            align: 0,
+        };
+        // SAFETY: a built-in type; the out-parameters are ours.
+        unsafe { pg_sys::get_typlenbyvalalign(oid, &mut element.len, &mut element.by_value, &mut element.align) };
+        element
+    }
+
+    /// A one-dimensional array of `elements` (`nulls[i]`: element i is NULL),
+    /// copied into the current memory context.
+    pub fn array(&self, elements: &mut [pg_sys::Datum], nulls: Option<&mut [bool]>) -> pg_sys::Datum {
+        let (mut dims, mut lower_bounds) = ([elements.len() as i32], [1i32]);
+        // SAFETY: the datums are of this type, and `nulls` (if any) is as long as they are.
+        let array = unsafe {
+            pg_sys::construct_md_array(
+                elements.as_mut_ptr(),
+                nulls.map_or(std::ptr::null_mut(), |n| n.as_mut_ptr()),
+                1,
+                dims.as_mut_ptr(),
+                lower_bounds.as_mut_ptr(),
+                self.oid,
+                self.len as i32,
+                self.by_value,
+                self.align,
+            )
+        };
+        pg_sys::Datum::from(array)
+    }
+}
+
+/// A text datum of `text` in the current memory context.
+pub fn text_datum(text: &str) -> pg_sys::Datum {
+    // SAFETY: copies `text.len()` bytes from a live str.
+    pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(text.as_ptr().cast(), text.len() as i32) })
 }

@@ -278,6 +278,93 @@ mod tests {
         );
     }
 
+    /// The flush builds its records in Rust (src/flushed_record.rs); the inspector's
+    /// `meter.meter_record` builds them in SQL. Over every kind of value a record
+    /// holds, the two must print the same JSON.
+    #[pg_test]
+    fn a_flushed_record_is_the_inspectors_record_of_the_meter_it_flushed() {
+        run("SELECT meter.create_meter_type('calls', 'sum', '@daily', 'Europe/Stockholm', unit => 'calls \"EU\" ✓\\')");
+        run("SELECT meter.create_meter_type('peak', 'max', '@monthly', 'America/New_York', unit => 'sessions')");
+        run(r#"SELECT meter.create_stream('s', '[
+                 {"name": "peak", "meter_type": "peak", "conditions": [{"field": "kind", "op": "eq", "value": "peak"}]},
+                 {"name": "calls", "meter_type": "calls", "group_by": ["region"], "carry_first": ["plan"], "carry_last": ["plan", "tier"]}]',
+               meter_key => 'key "with" quotes', auto_create_meters => true)"#);
+        // As SQL text: serde_json would round the wide number to a double.
+        run(r#"SELECT meter.ingest('s', '[
+                 {"userId": "acme", "value": 1.50, "region": "eu-ö", "plan": "pro", "tier": {"n": [1, 2.5, null]}},
+                 {"userId": "acme", "value": 12345678901234567890.123456789, "region": "us\n\"x\""},
+                 {"userId": "ünïcode\\user\t\u0001", "value": -0.000001, "plan": null},
+                 {"userId": "acme", "value": 1e-30},
+                 {"userId": "acme", "value": 7, "kind": "peak"}]')"#);
+        process("s");
+        // A meter that never had usage: null times, a null value (max); and one
+        // whose value was set to NaN by hand, which JSON has no number for.
+        run("SELECT meter.create_meter('s', 'peak', 'idle')");
+        run("SELECT meter.create_meter('s', 'calls', 'idle')");
+        run("UPDATE meter.meters m SET value = 'NaN' FROM meter.meter_types t WHERE t.id = m.meter_type_id AND m.user_id = 'idle' AND t.name = 'calls'");
+        run("UPDATE meter.meters SET period_start = now() - interval '40 days', period_end = now() - interval '1 day'");
+        run("CREATE TEMP TABLE inspected AS SELECT id, meter.meter_record(id) AS record FROM meter.meters");
+        // The doorbell's text is written in Rust too: the same as jsonb_out's.
+        let mut texts = Vec::new();
+        crate::sql::for_each_row(
+            &format!(
+                "SELECT t.name, s.meter_key, i.record::text, m.*
+                   FROM (SELECT period_end AS end_at, {}, stream_id AS of_stream FROM meter.meters) m
+                   JOIN meter.meter_types t ON t.id = m.meter_type_id
+                   JOIN meter.streams s ON s.id = m.of_stream JOIN inspected i ON i.id = m.id",
+                crate::flushed_record::COLUMNS
+            ),
+            &[],
+            |values, nulls| {
+                // SAFETY: a row of the query above: three texts, a timestamptz, then COLUMNS.
+                unsafe {
+                    let text = |i: usize| String::from_datum(values[i], nulls[i]).unwrap();
+                    let record = crate::flushed_record::MeterRecord::read(values, nulls, 4);
+                    let context = crate::flushed_record::RecordContext {
+                        meter_type_name: &text(0),
+                        meter_key: &text(1),
+                        period_end: crate::convert::from_pg_micros(values[3].value() as i64).unwrap(),
+                    };
+                    let mut written = Vec::new();
+                    record.write_text(&context, None, &mut written);
+                    let built = crate::flushed_record::jsonb_text(record.to_jsonb(&context));
+                    texts.push((
+                        text(2),
+                        String::from_utf8(written).unwrap(),
+                        String::from_utf8(built).unwrap(),
+                    ));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(texts.len(), 5);
+        for (inspected, written, built) in &texts {
+            assert_eq!(written, inspected);
+            assert_eq!(built, inspected);
+        }
+        process("s");
+        let compared = rows(
+            "SELECT count(*) AS flushed, count(*) FILTER (WHERE f.record::text = i.record::text) AS same
+               FROM meter.flushed f JOIN inspected i ON i.id = f.meter_id",
+        );
+        assert_eq!(rows("SELECT reason FROM meter.rejected"), json!([]));
+        assert_eq!(compared, json!([{"flushed": 5, "same": 5}]));
+        assert_eq!(
+            sql_json("SELECT jsonb_agg(record->'value' ORDER BY record->>'meterTypeName') FROM meter.flushed WHERE user_id = 'idle'"),
+            json!(["NaN", null])
+        );
+        let acme = sql_json(
+            "SELECT jsonb_build_array(record->'value', jsonb_array_length(record->'groups'), record->'carryFirst',
+                                      record->'carryLast', record->'meterKey', record->'unit')
+               FROM meter.flushed WHERE user_id = 'acme' AND record->>'meterTypeName' = 'calls'",
+        );
+        assert_eq!(
+            acme.to_string(),
+            r#"[12345678901234567891.623456789000000000000000000001,3,{"plan":"pro"},{"plan":"pro","tier":{"n":[1,2.5,null]}},"key \"with\" quotes","calls \"EU\" ✓\\"]"#
+        );
+    }
+
     #[pg_test]
     fn the_flushed_record_has_exactly_ues_keys_and_a_session() {
         let meter = daily("period_end");
