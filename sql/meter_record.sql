@@ -1,4 +1,6 @@
--- The flushed meter record (SPEC §8): exactly UE's fields, in camelCase.
+-- The flushed meter record (SPEC §8): exactly UE's fields, in camelCase. A flush
+-- builds the same record in Rust (src/flushed_record.rs) from the row it reads;
+-- a pg_test holds the two to the same text.
 
 -- meter.iso_utc(timestamptz), UTC ISO-8601 with milliseconds as JavaScript's
 -- Date.toISOString(), is in Rust (src/api.rs): to_char() was most of a flush's cost.

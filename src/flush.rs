@@ -1,9 +1,9 @@
 //! Flushing meters (SPEC §8): each meter's record goes to the outbox
-//! `meter.flushed` (and rings the `meter_flushed` doorbell) in the same statement
-//! that resets it and starts its next period.
+//! `meter.flushed` in the same statement that resets it and starts its next
+//! period, and rings the `meter_flushed` doorbell in the same transaction.
 //!
-//! Rust decides, per meter, what happens (`plan`); one set-based statement per
-//! batch of meters does it.
+//! Rust reads the meters, decides what happens to each (`plan`) and builds their
+//! records (`flushed_record`); one set-based statement per batch of meters does it.
 
 use std::collections::HashMap;
 
