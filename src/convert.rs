@@ -46,14 +46,29 @@ pub fn clock_now() -> Timestamp {
 
 /// UTC ISO-8601 with milliseconds (`2026-11-30T23:00:00.000Z`).
 pub fn iso_utc(t: Timestamp) -> String {
-    let dt = jiff::tz::TimeZone::UTC.to_datetime(t);
-    let year = dt.year();
+    // Civil time from the millisecond count (floored: before 1970 too), with
+    // the proleptic Gregorian calendar's 400-year cycles (H. Hinnant's
+    // civil_from_days): a flush prints six of these per meter, and going through
+    // a civil DateTime and format! was a visible part of it.
+    let millis = t.as_nanosecond().div_euclid(1_000_000) as i64;
+    let (days, of_day) = (millis.div_euclid(86_400_000), millis.rem_euclid(86_400_000));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
     if !(0..=9999).contains(&year) {
-        return iso_utc_formatted(dt);
+        return iso_utc_formatted(jiff::tz::TimeZone::UTC.to_datetime(t));
     }
-    // Digit by digit: a flush prints six of these per meter, and `format!` was
-    // a visible part of it.
-    let digits = |out: &mut [u8], value: i32| {
+    let digits = |out: &mut [u8], value: i64| {
         let mut value = value;
         for byte in out.iter_mut().rev() {
             *byte = b'0' + (value % 10) as u8;
@@ -61,13 +76,13 @@ pub fn iso_utc(t: Timestamp) -> String {
         }
     };
     let mut text = *b"0000-00-00T00:00:00.000Z";
-    digits(&mut text[0..4], year.into());
-    digits(&mut text[5..7], dt.month().into());
-    digits(&mut text[8..10], dt.day().into());
-    digits(&mut text[11..13], dt.hour().into());
-    digits(&mut text[14..16], dt.minute().into());
-    digits(&mut text[17..19], dt.second().into());
-    digits(&mut text[20..23], dt.subsec_nanosecond() / 1_000_000);
+    digits(&mut text[0..4], year);
+    digits(&mut text[5..7], month);
+    digits(&mut text[8..10], day);
+    digits(&mut text[11..13], of_day / 3_600_000);
+    digits(&mut text[14..16], of_day / 60_000 % 60);
+    digits(&mut text[17..19], of_day / 1000 % 60);
+    digits(&mut text[20..23], of_day % 1000);
     String::from_utf8(text.to_vec()).expect("ASCII digits")
 }
 
@@ -96,13 +111,35 @@ mod tests {
         assert_eq!(iso_utc(early), "0005-01-02T03:04:05.000Z");
         let last: Timestamp = "9999-12-30T21:59:59.999999Z".parse().unwrap();
         assert_eq!(iso_utc(last), "9999-12-30T21:59:59.999Z");
-        // Digit by digit is what format! prints, over the whole range.
+        for (at, text) in [
+            ("1969-12-31T23:59:59.9995Z", "1969-12-31T23:59:59.999Z"),
+            ("2000-02-29T12:00:00Z", "2000-02-29T12:00:00.000Z"),
+            ("1900-03-01T00:00:00Z", "1900-03-01T00:00:00.000Z"),
+            ("1600-02-29T23:59:59.999Z", "1600-02-29T23:59:59.999Z"),
+        ] {
+            assert_eq!(iso_utc(at.parse().unwrap()), text);
+        }
+        // The arithmetic gives what jiff's civil time and format! give, over the
+        // whole range, before 1970 and around leap days included.
         let (min, max) = (Timestamp::MIN.as_second(), Timestamp::MAX.as_second());
         for i in 0..100_000i64 {
             let second = min + (max - min) / 100_000 * i;
             let t = Timestamp::new(second, (i as i32 * 7919) % 1_000_000_000).unwrap();
             let dt = jiff::tz::TimeZone::UTC.to_datetime(t);
             assert_eq!(iso_utc(t), iso_utc_formatted(dt), "{t}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn iso_utc_is_the_civil_time_jiff_gives(
+            second in Timestamp::MIN.as_second()..Timestamp::MAX.as_second(),
+            nanosecond in -999_999_999i32..=999_999_999,
+        ) {
+            if let Ok(t) = Timestamp::new(second, nanosecond) {
+                let dt = jiff::tz::TimeZone::UTC.to_datetime(t);
+                proptest::prop_assert_eq!(iso_utc(t), iso_utc_formatted(dt));
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 
 use crate::catalog::{self, MeterTypeSettings};
-use crate::convert::{from_pg_micros, to_timestamptz};
+use crate::convert::{from_pg_micros, iso_utc, to_timestamptz};
 use crate::errors::Result;
 use crate::flushed_record::{MeterRecord, RecordContext, COLUMNS};
 use crate::locks;
@@ -146,20 +146,25 @@ fn flush_chunk(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64
         .unwrap_or_default();
     let mut periods = HashMap::new();
     let mut columns = Columns::default();
-    // The records written, by meter: meter id, candidate, period end.
+    // The records written, by meter: meter id, candidate, period end (ISO-8601). The plan
+    // goes in meter order, which the outbox takes as it is.
     let mut records = Vec::new();
-    for (index, candidate) in candidates.iter().enumerate() {
+    let mut in_meter_order: Vec<usize> = (0..candidates.len()).collect();
+    in_meter_order.sort_unstable_by_key(|&index| candidates[index].record.id);
+    for index in in_meter_order {
+        let candidate = &candidates[index];
         let settings = &types[&candidate.record.meter_type_id];
         let (end, emit, action, period) = plan(candidate, settings, scope, &mut periods);
-        let record = emit.then(|| {
+        let period_end = emit.then(|| iso_utc(end));
+        let record = period_end.as_deref().map(|period_end| {
             candidate.record.to_jsonb(&RecordContext {
                 meter_type_name: &settings.name,
                 meter_key: &meter_key,
-                period_end: end,
+                period_end,
             })
         });
-        if record.is_some() {
-            records.push((candidate.record.id, index, end));
+        if let Some(period_end) = period_end {
+            records.push((candidate.record.id, index, period_end));
         }
         columns.ids.push(candidate.record.id);
         columns.user_ids.push(candidate.record.user_id.as_str());
@@ -170,17 +175,16 @@ fn flush_chunk(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64
     }
     locks::outbox()?;
     let written = apply(stream_id, session_id, columns)?;
-    records.sort_unstable_by_key(|(meter_id, ..)| *meter_id);
     ring_doorbell(&written, |meter_id, first, out| {
         let at = records
             .binary_search_by_key(&meter_id, |(id, ..)| *id)
             .expect("every record written was built for a meter of the chunk");
-        let (_, index, end) = records[at];
+        let (_, index, ref period_end) = records[at];
         let record = &candidates[index].record;
         let context = RecordContext {
             meter_type_name: &types[&record.meter_type_id].name,
             meter_key: &meter_key,
-            period_end: end,
+            period_end,
         };
         record.write_text(&context, Some(first), out);
     })?;
@@ -260,15 +264,16 @@ struct Columns<'a> {
 /// flush ids it gave, with their meters, and whether the notification queue is
 /// under pressure.
 const APPLY: &str = "WITH plan AS (
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[],
-                                  $6::timestamptz[])
-                 AS p(id, user_id, record, action, new_start, new_end)),
+             SELECT * FROM unnest($1::bigint[], $4::text[], $5::timestamptz[], $6::timestamptz[])
+                 AS p(id, action, new_start, new_end)),
          outbox AS (
+             -- In the arrays' order (meter order); unnested in the select list, the
+             -- records are not copied into a tuplestore on the way.
              INSERT INTO meter.flushed (stream_id, session_id, meter_id, user_id, record)
-             SELECT $7, $8, p.id, p.user_id, p.record
-               FROM plan p
-              WHERE p.record IS NOT NULL
-              ORDER BY p.id
+             SELECT $7, $8, r.id, r.user_id, r.record
+               FROM (SELECT pg_catalog.unnest($1::bigint[]) AS id, pg_catalog.unnest($2::text[]) AS user_id,
+                            pg_catalog.unnest($3::jsonb[]) AS record) r
+              WHERE r.record IS NOT NULL
              RETURNING id, meter_id),
          deleted AS (
              DELETE FROM meter.meters m USING plan p

@@ -4,7 +4,6 @@
 //! argument's type and prints and parses every value: that was most of a flush's
 //! cost. A pg_test holds the two to the same JSON.
 
-use jiff::Timestamp;
 use pgrx::pg_sys::{self, jbvType, JsonbPair, JsonbValue};
 use pgrx::FromDatum;
 
@@ -19,6 +18,7 @@ pub const COLUMNS: &str = "id, meter_type_id, user_id, timezone, value, unit, cr
 
 /// One meter as its flush reads it. Numeric and jsonb columns are kept as their
 /// bytes (4-byte varlena headers), to go into the record as they are.
+/// Its timestamps are kept as the record's ISO-8601 text.
 pub struct MeterRecord {
     pub id: i64,
     pub meter_type_id: i64,
@@ -26,15 +26,15 @@ pub struct MeterRecord {
     timezone: String,
     value: Option<Vec<u8>>,
     unit: String,
-    created_at: Option<Timestamp>,
-    updated_at: Option<Timestamp>,
-    period_start: Option<Timestamp>,
+    created_at: Option<String>,
+    updated_at: Option<String>,
+    period_start: Option<String>,
     groups: Vec<u8>,
     carry_first: Vec<u8>,
     carry_last: Vec<u8>,
     pub delete_on_reset: bool,
-    first_record_at: Option<Timestamp>,
-    last_record_at: Option<Timestamp>,
+    first_record_at: Option<String>,
+    last_record_at: Option<String>,
     pub record_count: i64,
 }
 
@@ -42,9 +42,10 @@ pub struct MeterRecord {
 pub struct RecordContext<'a> {
     pub meter_type_name: &'a str,
     pub meter_key: &'a str,
-    /// The period end the flush gives the record: the meter's own, or (a flush
-    /// by stream execution, a meter without an end) when the flush happened.
-    pub period_end: Timestamp,
+    /// The period end the flush gives the record (ISO-8601): the meter's own,
+    /// or (a flush by stream execution, a meter without an end) when the flush
+    /// happened.
+    pub period_end: &'a str,
 }
 
 impl MeterRecord {
@@ -56,7 +57,7 @@ impl MeterRecord {
     pub unsafe fn read(values: &[pg_sys::Datum], nulls: &[bool], first: usize) -> MeterRecord {
         let column = |n: usize| (!nulls[first + n]).then(|| values[first + n]);
         let int = |n: usize| column(n).map_or(0, |d| d.value() as i64);
-        let timestamp = |n: usize| column(n).and_then(|d| from_pg_micros(d.value() as i64));
+        let timestamp = |n: usize| column(n).and_then(|d| from_pg_micros(d.value() as i64)).map(iso_utc);
         let text = |n: usize| column(n).and_then(|d| String::from_datum(d, false)).unwrap_or_default();
         let bytes = |n: usize| column(n).map(|d| datum_bytes(d));
         MeterRecord {
@@ -81,8 +82,8 @@ impl MeterRecord {
 
     /// The record's fields, in jsonb's key order (shorter first, then bytewise):
     /// the one list both the jsonb and its text are made from.
-    fn fields<'a>(&'a self, context: &'a RecordContext, times: &'a Times) -> [(&'static str, Field<'a>); 17] {
-        let time = |t: &'a Option<String>| t.as_deref().map_or(Field::Null, |t| Field::String(t.as_bytes()));
+    fn fields<'a>(&'a self, context: &'a RecordContext) -> [(&'static str, Field<'a>); 17] {
+        let time = |t: &'a Option<String>| t.as_deref().map_or(Field::Null, Field::Time);
         [
             ("id", Field::Int(self.id)),
             ("unit", Field::String(self.unit.as_bytes())),
@@ -92,35 +93,23 @@ impl MeterRecord {
             ("meterKey", Field::String(context.meter_key.as_bytes())),
             ("timezone", Field::String(self.timezone.as_bytes())),
             ("carryLast", Field::Jsonb(&self.carry_last)),
-            ("createdAt", time(&times.created_at)),
-            ("periodEnd", Field::String(times.period_end.as_bytes())),
-            ("updatedAt", time(&times.updated_at)),
+            ("createdAt", time(&self.created_at)),
+            ("periodEnd", Field::Time(context.period_end)),
+            ("updatedAt", time(&self.updated_at)),
             ("carryFirst", Field::Jsonb(&self.carry_first)),
             ("meterTypeId", Field::Int(self.meter_type_id)),
-            ("periodStart", time(&times.period_start)),
+            ("periodStart", time(&self.period_start)),
             ("deleteOnReset", Field::Bool(self.delete_on_reset)),
             (
                 "meterMetaData",
                 Field::MetaData(Box::new([
                     ("recordCount", Field::Int(self.record_count)),
-                    ("lastMatchedAt", time(&times.last_record_at)),
-                    ("firstMatchedAt", time(&times.first_record_at)),
+                    ("lastMatchedAt", time(&self.last_record_at)),
+                    ("firstMatchedAt", time(&self.first_record_at)),
                 ])),
             ),
             ("meterTypeName", Field::String(context.meter_type_name.as_bytes())),
         ]
-    }
-
-    fn times(&self, context: &RecordContext) -> Times {
-        let iso = |t: Option<Timestamp>| t.map(iso_utc);
-        Times {
-            created_at: iso(self.created_at),
-            updated_at: iso(self.updated_at),
-            period_start: iso(self.period_start),
-            period_end: iso_utc(context.period_end),
-            first_record_at: iso(self.first_record_at),
-            last_record_at: iso(self.last_record_at),
-        }
     }
 
     /// The record as a jsonb datum in the current memory context.
@@ -129,27 +118,23 @@ impl MeterRecord {
     /// would end with, its keys already in order, and converted to jsonb in one
     /// call; the meter's jsonb columns are read into the tree in Rust.
     pub fn to_jsonb(&self, context: &RecordContext) -> *mut pg_sys::Jsonb {
-        let times = self.times(context);
         let mut tree = Tree::default();
-        let fields = self
-            .fields(context, &times)
-            .map(|(key, field)| (key, tree.field(field)));
+        let fields = self.fields(context).map(|(key, field)| (key, tree.field(field)));
         let mut record = tree.object(fields.into());
         // SAFETY: a complete tree whose strings, numerics and nodes all live
-        // (in `self`, `times` and `tree`) until the conversion returns.
+        // (in `self`, `context` and `tree`) until the conversion returns.
         unsafe { pg_sys::JsonbValueToJsonb(&mut record) }
     }
 
     /// Appends the record's text, as `jsonb_out` prints `to_jsonb`'s jsonb, to
     /// `out`, with `first` (a `"key": value` text) put before its own fields.
     pub fn write_text(&self, context: &RecordContext, first: Option<&[u8]>, out: &mut Vec<u8>) {
-        let times = self.times(context);
         out.push(b'{');
         if let Some(first) = first {
             out.extend_from_slice(first);
             out.extend_from_slice(b", ");
         }
-        write_fields(&self.fields(context, &times), out);
+        write_fields(&self.fields(context), out);
         out.push(b'}');
     }
 }
@@ -165,16 +150,6 @@ pub unsafe fn jsonb_text(jsonb: *mut pg_sys::Jsonb) -> Vec<u8> {
     std::ffi::CStr::from_ptr(text).to_bytes().to_vec()
 }
 
-/// A record's timestamps as text.
-struct Times {
-    created_at: Option<String>,
-    updated_at: Option<String>,
-    period_start: Option<String>,
-    period_end: String,
-    first_record_at: Option<String>,
-    last_record_at: Option<String>,
-}
-
 /// One value of the record.
 enum Field<'a> {
     Null,
@@ -183,6 +158,8 @@ enum Field<'a> {
     /// A numeric varlena.
     Numeric(&'a [u8]),
     String(&'a [u8]),
+    /// An ISO-8601 time: a string with nothing to escape.
+    Time(&'a str),
     /// A jsonb varlena (empty: NULL).
     Jsonb(&'a [u8]),
     MetaData(Box<[(&'static str, Field<'a>); 3]>),
@@ -193,7 +170,7 @@ fn write_fields(fields: &[(&'static str, Field)], out: &mut Vec<u8>) {
         if i > 0 {
             out.extend_from_slice(b", ");
         }
-        write_string(key.as_bytes(), out);
+        write_plain_string(key.as_bytes(), out);
         out.extend_from_slice(b": ");
         match field {
             Field::Null => out.extend_from_slice(b"null"),
@@ -201,6 +178,7 @@ fn write_fields(fields: &[(&'static str, Field)], out: &mut Vec<u8>) {
             Field::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
             Field::Numeric(numeric) => write_numeric(numeric, out),
             Field::String(text) => write_string(text, out),
+            Field::Time(text) => write_plain_string(text.as_bytes(), out),
             Field::Jsonb(bytes) => match Container::from_varlena(bytes) {
                 Some(root) if root.is_scalar() => match root.elements().next() {
                     Some(node) => write_node(node, out),
@@ -282,28 +260,33 @@ fn numeric_json(numeric: &[u8]) -> NumericJson {
     }
 }
 
+/// A JSON string known to need no escapes (keys, times).
+fn write_plain_string(text: &[u8], out: &mut Vec<u8>) {
+    debug_assert!(text.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\'));
+    out.push(b'"');
+    out.extend_from_slice(text);
+    out.push(b'"');
+}
+
 /// A JSON string as `escape_json` writes it.
 fn write_string(text: &[u8], out: &mut Vec<u8>) {
     out.reserve(text.len() + 2);
     out.push(b'"');
     let mut plain_from = 0;
     for (i, &byte) in text.iter().enumerate() {
-        let escaped: &[u8] = match byte {
-            b'\x08' => b"\\b",
-            b'\x0c' => b"\\f",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0..=0x1f => b"",
-            _ => continue,
-        };
+        if byte >= 0x20 && byte != b'"' && byte != b'\\' {
+            continue;
+        }
         out.extend_from_slice(&text[plain_from..i]);
-        if escaped.is_empty() {
-            out.extend_from_slice(format!("\\u{byte:04x}").as_bytes());
-        } else {
-            out.extend_from_slice(escaped);
+        match byte {
+            b'\x08' => out.extend_from_slice(b"\\b"),
+            b'\x0c' => out.extend_from_slice(b"\\f"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            _ => out.extend_from_slice(format!("\\u{byte:04x}").as_bytes()),
         }
         plain_from = i + 1;
     }
@@ -341,6 +324,7 @@ impl Tree {
                 }
             },
             Field::String(text) => string_value(text),
+            Field::Time(text) => string_value(text.as_bytes()),
             Field::Jsonb(bytes) => self.jsonb(bytes),
             Field::MetaData(fields) => {
                 let fields = fields.map(|(key, field)| (key, self.field(field)));

@@ -320,10 +320,11 @@ mod tests {
                 unsafe {
                     let text = |i: usize| String::from_datum(values[i], nulls[i]).unwrap();
                     let record = crate::flushed_record::MeterRecord::read(values, nulls, 4);
+                    let period_end = crate::convert::from_pg_micros(values[3].value() as i64).unwrap();
                     let context = crate::flushed_record::RecordContext {
                         meter_type_name: &text(0),
                         meter_key: &text(1),
-                        period_end: crate::convert::from_pg_micros(values[3].value() as i64).unwrap(),
+                        period_end: &crate::convert::iso_utc(period_end),
                     };
                     let mut written = Vec::new();
                     record.write_text(&context, None, &mut written);
