@@ -20,7 +20,7 @@ use crate::schedule::{period_after_flush_at, period_after_period_end, Period};
 use crate::sql;
 
 /// The channel each flushed record is announced on.
-pub const FLUSHED_CHANNEL: &str = "meter_flushed";
+const FLUSHED_CHANNEL: &std::ffi::CStr = c"meter_flushed";
 
 /// Which meters a flush takes.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +89,8 @@ impl Action {
 /// A meter a flush takes, as read before deciding.
 struct Candidate {
     period_end: Option<Timestamp>,
+    /// Its period counts distinct values (rows in `meter.meter_distinct`).
+    counts_distinct: bool,
     record: MeterRecord,
 }
 
@@ -172,6 +174,9 @@ fn flush_chunk(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64
         columns.actions.push(action.name());
         columns.new_starts.push(to_timestamptz(period.map_or(end, |p| p.start)));
         columns.new_ends.push(period.and_then(|p| p.end).map(to_timestamptz));
+        if candidate.counts_distinct && action != Action::Delete {
+            columns.distinct_counted.push(candidate.record.id);
+        }
     }
     locks::outbox()?;
     let written = apply(stream_id, session_id, columns)?;
@@ -187,7 +192,7 @@ fn flush_chunk(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64
             period_end,
         };
         record.write_text(&context, Some(first), out);
-    })?;
+    });
     Ok(Flushed {
         meters: candidates.len() as i64,
         records: written.flush_ids.len() as i64,
@@ -202,7 +207,7 @@ fn select(stream_id: i64, scope: Scope, limit: i64, after: Position) -> Result<V
     let (query, args): (String, Vec<pgrx::datum::DatumWithOid>) = match scope {
         Scope::Due { as_of, users } => (
             format!(
-                "SELECT period_end, {COLUMNS}
+                "SELECT period_end, aggregation = 'unique_count', {COLUMNS}
                    FROM meter.meters
                   WHERE stream_id = $1 AND closed_at IS NULL AND period_end <= $2
                     AND (period_end, id) > ($5, $6)
@@ -221,7 +226,7 @@ fn select(stream_id: i64, scope: Scope, limit: i64, after: Position) -> Result<V
         ),
         Scope::All { at } => (
             format!(
-                "SELECT period_end, {COLUMNS}
+                "SELECT period_end, aggregation = 'unique_count', {COLUMNS}
                    FROM meter.meters
                   WHERE stream_id = $1 AND closed_at IS NULL AND period_start < $2 AND id > $4
                   ORDER BY id LIMIT $3
@@ -237,10 +242,11 @@ fn select(stream_id: i64, scope: Scope, limit: i64, after: Position) -> Result<V
     };
     let mut candidates = Vec::new();
     sql::for_each_row(&query, &args, |values, nulls| {
-        // SAFETY: a row of the query above, which selects the period end, then COLUMNS.
+        // SAFETY: a row of the query above: the period end, a boolean, then COLUMNS.
         candidates.push(Candidate {
             period_end: (!nulls[0]).then(|| from_pg_micros(values[0].value() as i64)).flatten(),
-            record: unsafe { MeterRecord::read(values, nulls, 1) },
+            counts_distinct: !nulls[1] && values[1].value() != 0,
+            record: unsafe { MeterRecord::read(values, nulls, 2) },
         });
         Ok(())
     })?;
@@ -257,6 +263,9 @@ struct Columns<'a> {
     actions: Vec<&'static str>,
     new_starts: Vec<TimestampWithTimeZone>,
     new_ends: Vec<Option<TimestampWithTimeZone>>,
+    /// The meters whose distinct values are forgotten (deleted meters lose
+    /// theirs with them).
+    distinct_counted: Vec<i64>,
 }
 
 /// One statement: write the outbox records, then reset, close or delete the
@@ -279,8 +288,7 @@ const APPLY: &str = "WITH plan AS (
              DELETE FROM meter.meters m USING plan p
               WHERE m.id = p.id AND p.action = 'delete'),
          forgotten AS (
-             DELETE FROM meter.meter_distinct d USING plan p
-              WHERE d.meter_id = p.id AND p.action <> 'delete'),
+             DELETE FROM meter.meter_distinct d WHERE d.meter_id = ANY ($10::bigint[])),
          reset AS (
              UPDATE meter.meters m
                 SET value = CASE WHEN t.aggregation IN ('sum', 'increment', 'unique_count') THEN 0 END,
@@ -326,6 +334,7 @@ fn apply(stream_id: i64, session_id: Option<i64>, c: Columns) -> Result<Written>
         stream_id.into(),
         session_id.into(),
         crate::gucs::NOTIFY_QUEUE_LIMIT.get().into(),
+        c.distinct_counted.into(),
     ];
     sql::by_index_lookups(|| {
         Spi::connect_mut(|client| {
@@ -344,17 +353,17 @@ fn apply(stream_id: i64, session_id: Option<i64>, c: Columns) -> Result<Written>
 /// which `write_record(meter_id, first_field, out)` writes. A record too long for
 /// a notification rings with its ids only; under queue pressure the chunk rings
 /// once, naming its flush ids.
-fn ring_doorbell(written: &Written, write_record: impl Fn(i64, &[u8], &mut Vec<u8>)) -> Result<()> {
+fn ring_doorbell(written: &Written, write_record: impl Fn(i64, &[u8], &mut Vec<u8>)) {
     let (Some(first), Some(last)) = (written.flush_ids.first(), written.flush_ids.last()) else {
-        return Ok(());
+        return;
     };
     if written.queue_pressure {
         return notify(
-            format!(
+            &mut format!(
                 "{{\"count\": {}, \"flushIds\": [{first}, {last}], \"queuePressure\": true}}",
                 written.flush_ids.len()
             )
-            .as_bytes(),
+            .into_bytes(),
         );
     }
     let mut payload = Vec::new();
@@ -367,23 +376,28 @@ fn ring_doorbell(written: &Written, write_record: impl Fn(i64, &[u8], &mut Vec<u
                 format!("{{\"flushId\": {flush_id}, \"meterId\": {meter_id}, \"truncated\": true}}").as_bytes(),
             );
         }
-        notify(&payload)?;
+        notify(&mut payload);
     }
-    Ok(())
 }
 
 /// NOTIFY payloads must be shorter than this many bytes.
 const NOTIFY_PAYLOAD_LIMIT: usize = 8000;
 
-/// `pg_notify(meter_flushed, payload)`.
-fn notify(payload: &[u8]) -> Result<()> {
-    let channel = sql::text_datum(FLUSHED_CHANNEL);
-    // SAFETY: copies the payload's bytes (text in the database encoding, as jsonb printed it).
-    let payload =
-        pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(payload.as_ptr().cast(), payload.len() as i32) });
-    // SAFETY: pg_notify takes two non-null text arguments.
-    unsafe { pgrx::direct_function_call_as_datum(pg_sys::pg_notify, &[Some(channel), Some(payload)]) };
-    Ok(())
+/// NOTIFY meter_flushed with `payload`, as `pg_notify` does without its two
+/// copies through text.
+fn notify(payload: &mut Vec<u8>) {
+    payload.push(0);
+    // SAFETY: NUL-terminated strings; Async_Notify copies them (and raises an
+    // ERROR, not a crash, for a payload too long).
+    unsafe {
+        pgrx::pg_sys::ffi::pg_guard_ffi_boundary(|| Async_Notify(FLUSHED_CHANNEL.as_ptr(), payload.as_ptr().cast()))
+    };
+    payload.pop();
+}
+
+unsafe extern "C-unwind" {
+    /// commands/async.h, which pgrx does not bind.
+    fn Async_Notify(channel: *const std::ffi::c_char, payload: *const std::ffi::c_char);
 }
 
 /// How many meters of the stream a flush would take now (DEBUG runs report it).

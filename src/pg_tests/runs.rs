@@ -278,6 +278,54 @@ mod tests {
         );
     }
 
+    /// A flush resets a meter to its type as it is now (SPEC §2): aggregation,
+    /// unit, timezone and reset value; a unique_count meter forgets the values it
+    /// counted, so the next period counts them again.
+    #[pg_test]
+    fn a_flush_forgets_counted_values_and_starts_the_next_period_with_the_types_settings() {
+        run("SELECT meter.create_meter_type('devices', 'unique_count', '@daily', unit => 'devices')");
+        run("SELECT meter.create_meter_type('peak', 'max', '@daily', unit => 'bytes')");
+        run(r#"SELECT meter.create_stream('s', '[
+                 {"name": "devices", "meter_type": "devices", "conditions": [{"field": "kind", "op": "eq", "value": "device"}]},
+                 {"name": "peak", "meter_type": "peak"}]', auto_create_meters => true)"#);
+        ingest(json!([
+            {"userId": "acme", "kind": "device", "value": "phone"},
+            {"userId": "acme", "kind": "device", "value": "laptop"},
+            {"userId": "acme", "value": 5}
+        ]));
+        process("s");
+        run("SELECT meter.alter_meter_type('devices', unit => 'gadgets', timezone => 'Asia/Tokyo')");
+        run("SELECT meter.alter_meter_type('peak', aggregation => 'sum')");
+        run("UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day'");
+        process("s");
+        let flushed = rows(
+            "SELECT record->>'meterTypeName' AS type, record->'value' AS v, record->>'unit' AS unit
+               FROM meter.flushed ORDER BY 1",
+        );
+        assert_eq!(
+            flushed,
+            json!([{"type": "devices", "v": 2, "unit": "devices"}, {"type": "peak", "v": 5, "unit": "bytes"}])
+        );
+        let reset = rows(
+            "SELECT t.name AS type, m.value AS v, m.aggregation AS a, m.unit, m.timezone AS tz
+               FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id ORDER BY 1",
+        );
+        assert_eq!(
+            reset,
+            json!([
+                {"type": "devices", "v": 0, "a": "unique_count", "unit": "gadgets", "tz": "Asia/Tokyo"},
+                {"type": "peak", "v": 0, "a": "sum", "unit": "bytes", "tz": "UTC"}
+            ])
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.meter_distinct"), 0);
+        ingest(json!([{"userId": "acme", "kind": "device", "value": "phone"}]));
+        process("s");
+        assert_eq!(
+            sql_json("SELECT to_jsonb(value) FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id WHERE t.name = 'devices'"),
+            json!(1)
+        );
+    }
+
     /// The flush builds its records in Rust (src/flushed_record.rs); the inspector's
     /// `meter.meter_record` builds them in SQL. Over every kind of value a record
     /// holds, the two must print the same JSON.
