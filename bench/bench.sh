@@ -163,15 +163,7 @@ sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
 # ---- period-end flush ------------------------------------------------------------
 say "period-end flush of $FLUSH_METERS meters"
 sql "SELECT meter.create_stream('bench_flush', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
-sql "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, groups, carry_last, record_count, aggregation,
-                               unit, timezone, period_start, period_end, first_record_at, last_record_at)
-     SELECT s.id, t.id, 'flush-' || i, i % 1000,
-            jsonb_build_array(jsonb_build_object('key', 'region=eu', 'fields', jsonb_build_object('region', 'eu'), 'value', i % 600),
-                              jsonb_build_object('key', 'region=us', 'fields', jsonb_build_object('region', 'us'), 'value', i % 400)),
-            jsonb_build_object('plan', 'pro'), 7, t.aggregation, t.unit, t.timezone,
-            now() - interval '32 days', now() - interval '1 day', now() - interval '20 days', now() - interval '2 days'
-       FROM meter.streams s, meter.meter_types t, generate_series(1, $FLUSH_METERS) i
-      WHERE s.name = 'bench_flush' AND t.name = 'bytes'" >/dev/null
+sql "SELECT bench.add_flush_meters($FLUSH_METERS)" >/dev/null
 sql "CREATE TABLE bench.flush_meters AS SELECT m.* FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench_flush'" >/dev/null
 sql "ALTER TABLE bench.flush_meters ADD PRIMARY KEY (id)" >/dev/null
 vacuum meter.meters

@@ -27,15 +27,7 @@ case "$workload" in
 flush)
     sql -c "TRUNCATE meter.flushed" \
         -c "DELETE FROM meter.meters m USING meter.streams s WHERE s.id = m.stream_id AND s.name = 'bench_flush'" \
-        -c "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, groups, carry_last, record_count,
-                                      aggregation, unit, timezone, period_start, period_end, first_record_at, last_record_at)
-            SELECT s.id, t.id, 'flush-' || i, i % 1000,
-                   jsonb_build_array(jsonb_build_object('key', 'region=eu', 'fields', jsonb_build_object('region', 'eu'), 'value', i % 600),
-                                     jsonb_build_object('key', 'region=us', 'fields', jsonb_build_object('region', 'us'), 'value', i % 400)),
-                   jsonb_build_object('plan', 'pro'), 7, t.aggregation, t.unit, t.timezone,
-                   now() - interval '32 days', now() - interval '1 day', now() - interval '20 days', now() - interval '2 days'
-              FROM meter.streams s, meter.meter_types t, generate_series(1, $size) i
-             WHERE s.name = 'bench_flush' AND t.name = 'bytes'"
+        -c "SELECT bench.add_flush_meters($size)"
     statement="SELECT status FROM meter.run_stream('bench_flush')"
     ;;
 batch)

@@ -107,6 +107,19 @@ CREATE TRIGGER upsert_row BEFORE INSERT ON bench.trigger_inbox FOR EACH ROW EXEC
 CREATE TABLE bench.copy_target (record jsonb NOT NULL);
 
 -- ---- baseline 4: a bare period-end flush ---------------------------------------
+-- The meters both flushes take: n meters of stream bench_flush, each with two
+-- region groups and a carried plan, whose period ended a day ago.
+CREATE FUNCTION bench.add_flush_meters(n bigint) RETURNS void LANGUAGE sql AS $$
+INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, groups, carry_last, record_count, aggregation,
+                          unit, timezone, period_start, period_end, first_record_at, last_record_at)
+SELECT s.id, t.id, 'flush-' || i, i % 1000,
+       jsonb_build_array(jsonb_build_object('key', 'region=eu', 'fields', jsonb_build_object('region', 'eu'), 'value', i % 600),
+                         jsonb_build_object('key', 'region=us', 'fields', jsonb_build_object('region', 'us'), 'value', i % 400)),
+       jsonb_build_object('plan', 'pro'), 7, t.aggregation, t.unit, t.timezone,
+       now() - interval '32 days', now() - interval '1 day', now() - interval '20 days', now() - interval '2 days'
+  FROM meter.streams s, meter.meter_types t, generate_series(1, n) i
+ WHERE s.name = 'bench_flush' AND t.name = 'bytes'
+$$;
 CREATE TABLE bench.flush_outbox (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, meter_id bigint, record jsonb);
 CREATE FUNCTION bench.bare_flush() RETURNS bigint LANGUAGE sql AS $$
 WITH due AS (SELECT * FROM bench.flush_meters WHERE period_end <= now()),
