@@ -190,18 +190,11 @@ impl AuditRows {
         );
         // Each rule's text once: an array copies its elements.
         let rule_texts: Vec<pg_sys::Datum> = rule_names.iter().map(|name| sql::text_datum(name)).collect();
-        let (mut datums, mut datum_nulls) = (Vec::new(), Vec::new());
+        let mut buffers = sql::ArrayBuffers::default();
         let mut elements = Vec::with_capacity(by_meter.len());
         for (meter_id, m) in by_meter {
             let mut array_of = |element: &sql::ElementType, values: &mut dyn Iterator<Item = Option<pg_sys::Datum>>| {
-                datums.clear();
-                datum_nulls.clear();
-                for value in values {
-                    datum_nulls.push(value.is_none());
-                    datums.push(value.unwrap_or(pg_sys::Datum::from(0)));
-                }
-                let nulls = datum_nulls.contains(&true).then_some(&mut datum_nulls[..]);
-                Some(element.array(&mut datums, nulls))
+                Some(element.array_of(values, &mut buffers))
             };
             let fields = [
                 session_id.into_datum(),

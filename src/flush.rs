@@ -316,13 +316,7 @@ struct Written {
 /// (`by_index_lookups`): left to itself, the planner scans the whole table for
 /// every chunk, which is quadratic over a million-meter flush.
 fn apply(stream_id: i64, session_id: Option<i64>, c: Columns) -> Result<Written> {
-    let mut records = c.records;
-    let mut nulls: Vec<bool> = records.iter().map(Option::is_none).collect();
-    let mut datums: Vec<pg_sys::Datum> = records
-        .iter_mut()
-        .map(|r| r.unwrap_or(pg_sys::Datum::from(0)))
-        .collect();
-    let records = sql::ElementType::of(pg_sys::JSONBOID).array(&mut datums, Some(&mut nulls));
+    let records = sql::ElementType::of(pg_sys::JSONBOID).array_of(c.records, &mut sql::ArrayBuffers::default());
     let args = [
         c.ids.into(),
         c.user_ids.into(),

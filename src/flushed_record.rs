@@ -8,7 +8,7 @@ use pgrx::pg_sys::{self, jbvType, JsonbPair, JsonbValue};
 use pgrx::FromDatum;
 
 use crate::convert::{from_pg_micros, iso_utc};
-use crate::jsonb::{datum_bytes, decode_numeric, numeric_out_text, Container, Node};
+use crate::jsonb::{datum_bytes, decode_numeric, numeric_out_text, numeric_text, Container, Node};
 
 /// The `meter.meters` columns a record is built from, in the order `read` takes
 /// them, for a flush's SELECT list.
@@ -24,7 +24,7 @@ pub struct MeterRecord {
     pub meter_type_id: i64,
     pub user_id: String,
     timezone: String,
-    value: Option<Vec<u8>>,
+    value: Option<MeterValue>,
     unit: String,
     created_at: Option<String>,
     updated_at: Option<String>,
@@ -65,7 +65,7 @@ impl MeterRecord {
             meter_type_id: int(1),
             user_id: text(2),
             timezone: text(3),
-            value: bytes(4),
+            value: bytes(4).map(MeterValue::of),
             unit: text(5),
             created_at: timestamp(6),
             updated_at: timestamp(7),
@@ -87,7 +87,7 @@ impl MeterRecord {
         [
             ("id", Field::Int(self.id)),
             ("unit", Field::String(self.unit.as_bytes())),
-            ("value", self.value.as_deref().map_or(Field::Null, Field::Numeric)),
+            ("value", self.value.as_ref().map_or(Field::Null, Field::Value)),
             ("groups", Field::Jsonb(&self.groups)),
             ("userId", Field::String(self.user_id.as_bytes())),
             ("meterKey", Field::String(context.meter_key.as_bytes())),
@@ -155,8 +155,7 @@ enum Field<'a> {
     Null,
     Bool(bool),
     Int(i64),
-    /// A numeric varlena.
-    Numeric(&'a [u8]),
+    Value(&'a MeterValue),
     String(&'a [u8]),
     /// An ISO-8601 time: a string with nothing to escape.
     Time(&'a str),
@@ -176,17 +175,11 @@ fn write_fields(fields: &[(&'static str, Field)], out: &mut Vec<u8>) {
             Field::Null => out.extend_from_slice(b"null"),
             Field::Bool(b) => write_bool(*b, out),
             Field::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
-            Field::Numeric(numeric) => write_numeric(numeric, out),
+            Field::Value(MeterValue::Number { text, .. }) => out.extend_from_slice(text.as_bytes()),
+            Field::Value(MeterValue::NotANumber(text)) => write_plain_string(text.as_bytes(), out),
             Field::String(text) => write_string(text, out),
             Field::Time(text) => write_plain_string(text.as_bytes(), out),
-            Field::Jsonb(bytes) => match Container::from_varlena(bytes) {
-                Some(root) if root.is_scalar() => match root.elements().next() {
-                    Some(node) => write_node(node, out),
-                    None => out.extend_from_slice(b"null"),
-                },
-                Some(root) => write_node(Node::Container(root), out),
-                None => out.extend_from_slice(b"null"),
-            },
+            Field::Jsonb(bytes) => write_node(Container::from_varlena(bytes).map_or(Node::Null, Container::value), out),
             Field::MetaData(fields) => {
                 out.push(b'{');
                 write_fields(&fields[..], out);
@@ -232,30 +225,31 @@ fn write_bool(b: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(if b { b"true" } else { b"false" });
 }
 
-/// A numeric as `numeric_out` prints it; NaN and the infinities, which JSON has
-/// no number for, as strings (as `jsonb_build_object` stores them).
+/// A numeric in a jsonb column as `numeric_out` prints it (jsonb holds no NaN
+/// or infinity).
 fn write_numeric(numeric: &[u8], out: &mut Vec<u8>) {
-    match numeric_json(numeric) {
-        NumericJson::Number(text) => out.extend_from_slice(text.as_bytes()),
-        NumericJson::String(text) => write_string(text.as_bytes(), out),
-    }
+    out.extend_from_slice(numeric_text(numeric).as_deref().unwrap_or("null").as_bytes());
 }
 
-enum NumericJson {
-    Number(String),
-    String(String),
+/// A meter's value, classified once for both the jsonb and its text.
+enum MeterValue {
+    /// A number: its numeric bytes and their text.
+    Number { numeric: Vec<u8>, text: String },
+    /// NaN or an infinity, which JSON has no number for: the record holds the
+    /// text as a string, as `jsonb_build_object` does.
+    NotANumber(String),
 }
 
-fn numeric_json(numeric: &[u8]) -> NumericJson {
-    match decode_numeric(numeric) {
-        Some(text) => NumericJson::Number(text),
-        None => {
-            let text = numeric_out_text(numeric).unwrap_or_else(|| "NaN".into());
-            if text.bytes().any(|b| b.is_ascii_alphabetic()) {
-                NumericJson::String(text)
-            } else {
-                NumericJson::Number(text)
-            }
+impl MeterValue {
+    fn of(numeric: Vec<u8>) -> MeterValue {
+        // The decoder declines NaN and the infinities (and whatever it does not
+        // recognise, which numeric_out then prints as digits).
+        if let Some(text) = decode_numeric(&numeric) {
+            return MeterValue::Number { numeric, text };
+        }
+        match numeric_out_text(&numeric) {
+            Some(text) if !text.bytes().any(|b| b.is_ascii_alphabetic()) => MeterValue::Number { numeric, text },
+            text => MeterValue::NotANumber(text.unwrap_or_else(|| "NaN".into())),
         }
     }
 }
@@ -300,8 +294,6 @@ fn write_string(text: &[u8], out: &mut Vec<u8>) {
 struct Tree {
     pairs: Vec<Vec<JsonbPair>>,
     elements: Vec<Vec<JsonbValue>>,
-    /// Texts made for the tree (a NaN value's); a String's buffer never moves either.
-    texts: Vec<String>,
 }
 
 impl Tree {
@@ -315,14 +307,8 @@ impl Tree {
                 value.val.numeric = unsafe { pg_sys::int64_to_numeric(i) };
                 value
             }
-            Field::Numeric(numeric) => match numeric_json(numeric) {
-                NumericJson::Number(_) => numeric_value(numeric),
-                NumericJson::String(text) => {
-                    let value = string_value(text.as_bytes());
-                    self.texts.push(text);
-                    value
-                }
-            },
+            Field::Value(MeterValue::Number { numeric, .. }) => numeric_value(numeric),
+            Field::Value(MeterValue::NotANumber(text)) => string_value(text.as_bytes()),
             Field::String(text) => string_value(text),
             Field::Time(text) => string_value(text.as_bytes()),
             Field::Jsonb(bytes) => self.jsonb(bytes),
@@ -358,15 +344,11 @@ impl Tree {
     /// A jsonb column's bytes (4-byte header) as a value; empty bytes (a NULL
     /// column) or bytes not recognised as jsonb are a JSON null.
     fn jsonb(&mut self, bytes: &[u8]) -> JsonbValue {
-        match Container::from_varlena(bytes) {
-            Some(root) if root.is_scalar() => root.elements().next().map_or_else(null_value, |n| self.node(n)),
-            Some(root) => self.container(root),
-            None => null_value(),
-        }
+        self.node(Container::from_varlena(bytes).map_or(Node::Null, Container::value))
     }
 
     fn node(&mut self, node: Node) -> JsonbValue {
-        match node {
+            match node {
             Node::Null => null_value(),
             Node::Bool(b) => bool_value(b),
             Node::Number(numeric) => numeric_value(numeric),

@@ -171,6 +171,16 @@ impl<'a> Container<'a> {
         None
     }
 
+    /// The value a root container holds: a scalar root's one element, or the
+    /// container itself.
+    pub fn value(self) -> Node<'a> {
+        if self.is_scalar() {
+            self.elements().next().unwrap_or(Node::Null)
+        } else {
+            Node::Container(self)
+        }
+    }
+
     /// The elements of an array (the one element of a scalar root).
     pub fn elements(self) -> impl Iterator<Item = Node<'a>> {
         let count = if self.is_object() { 0 } else { self.len() };
@@ -200,7 +210,7 @@ impl<'a> Container<'a> {
 }
 
 /// The exact text of a numeric varlena, as `numeric_out` prints it.
-fn numeric_text(varlena: &[u8]) -> Option<String> {
+pub(crate) fn numeric_text(varlena: &[u8]) -> Option<String> {
     decode_numeric(varlena).or_else(|| numeric_out_text(varlena))
 }
 

@@ -341,15 +341,32 @@ impl ElementType {
         element
     }
 
-    /// A one-dimensional array of `elements` (`nulls[i]`: element i is NULL),
-    /// copied into the current memory context.
-    pub fn array(&self, elements: &mut [pg_sys::Datum], nulls: Option<&mut [bool]>) -> pg_sys::Datum {
-        let (mut dims, mut lower_bounds) = ([elements.len() as i32], [1i32]);
+    /// A one-dimensional array of `values` (`None`: a NULL element), copied into
+    /// the current memory context. `buffers` hold the datums meanwhile, so that
+    /// a caller building many arrays allocates them once.
+    pub fn array_of(
+        &self,
+        values: impl IntoIterator<Item = Option<pg_sys::Datum>>,
+        buffers: &mut ArrayBuffers,
+    ) -> pg_sys::Datum {
+        let ArrayBuffers { datums, nulls } = buffers;
+        datums.clear();
+        nulls.clear();
+        for value in values {
+            nulls.push(value.is_none());
+            datums.push(value.unwrap_or(pg_sys::Datum::from(0)));
+        }
+        let (mut dims, mut lower_bounds) = ([datums.len() as i32], [1i32]);
+        let nulls = if nulls.contains(&true) {
+            nulls.as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        };
         // SAFETY: the datums are of this type, and `nulls` (if any) is as long as they are.
         let array = unsafe {
             pg_sys::construct_md_array(
-                elements.as_mut_ptr(),
-                nulls.map_or(std::ptr::null_mut(), |n| n.as_mut_ptr()),
+                datums.as_mut_ptr(),
+                nulls,
                 1,
                 dims.as_mut_ptr(),
                 lower_bounds.as_mut_ptr(),
@@ -361,6 +378,13 @@ impl ElementType {
         };
         pg_sys::Datum::from(array)
     }
+}
+
+/// Scratch space for `ElementType::array_of`.
+#[derive(Default)]
+pub struct ArrayBuffers {
+    datums: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
 }
 
 /// A text datum of `text` in the current memory context.
