@@ -191,6 +191,7 @@ fn write_fields(fields: &[(&'static str, Field)], out: &mut Vec<u8>) {
 
 /// A jsonb node as `jsonb_out` prints it.
 fn write_node(node: Node, out: &mut Vec<u8>) {
+    check_stack_depth(&node);
     match node {
         Node::Null => out.extend_from_slice(b"null"),
         Node::Bool(b) => write_bool(b, out),
@@ -251,6 +252,15 @@ impl MeterValue {
             Some(text) if !text.bytes().any(|b| b.is_ascii_alphabetic()) => MeterValue::Number { numeric, text },
             text => MeterValue::NotANumber(text.unwrap_or_else(|| "NaN".into())),
         }
+    }
+}
+
+/// Checks PostgreSQL's stack depth limit before recursing into a container, as
+/// `jsonb::to_value` does: a stored jsonb nests as deep as its parser allowed.
+fn check_stack_depth(node: &Node) {
+    if matches!(node, Node::Container(_)) {
+        // SAFETY: raises an ordinary ERROR (54001), which pgrx turns into an unwind.
+        unsafe { pg_sys::check_stack_depth() };
     }
 }
 
@@ -348,7 +358,8 @@ impl Tree {
     }
 
     fn node(&mut self, node: Node) -> JsonbValue {
-            match node {
+        check_stack_depth(&node);
+        match node {
             Node::Null => null_value(),
             Node::Bool(b) => bool_value(b),
             Node::Number(numeric) => numeric_value(numeric),

@@ -326,6 +326,29 @@ mod tests {
         );
     }
 
+    /// A carried value nests as deep as jsonb's parser allowed. Reading it into
+    /// the record recurses once per level: past PostgreSQL's stack limit that is an
+    /// ERROR (54001), as everywhere else, never a crashed backend.
+    #[pg_test]
+    fn a_record_nested_past_the_stack_limit_fails_the_flush_with_an_error() {
+        let meter = daily("period_end");
+        run("SET max_stack_depth = '6MB'");
+        run(&format!(
+            "UPDATE meter.meters SET carry_last = jsonb_build_object('deep', (repeat('[', 15000) || repeat(']', 15000))::jsonb)
+              WHERE id = {meter}"
+        ));
+        expire(meter, 1);
+        run("SET max_stack_depth = '100kB'");
+        let error = error_of(|| {
+            process("s");
+        });
+        run("RESET max_stack_depth");
+        assert_eq!(
+            error.map(|(code, _)| code),
+            Some(PgSqlErrorCode::ERRCODE_STATEMENT_TOO_COMPLEX)
+        );
+    }
+
     /// The flush builds its records in Rust (src/flushed_record.rs); the inspector's
     /// `meter.meter_record` builds them in SQL. Over every kind of value a record
     /// holds, the two must print the same JSON.
