@@ -376,6 +376,44 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_run_claims_new_and_expired_ids_and_skips_live_ones_in_one_chunk() {
+        dedupe_stream();
+        ingest(
+            "s",
+            json!([{"userId": "u", "id": "expired", "value": 1}, {"userId": "u", "id": "live", "value": 1}]),
+        );
+        process("s");
+        run("UPDATE meter.dedupe_keys SET seen_at = now() - interval '36 days', meter_id = NULL WHERE record_id = 'expired'");
+        ingest(
+            "s",
+            json!([
+                {"userId": "u", "id": "live", "value": 1},
+                {"userId": "u", "id": "expired", "value": 1},
+                {"userId": "u", "id": "new", "value": 1},
+                {"userId": "u", "id": "new", "value": 1}
+            ]),
+        );
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 2,
+                duplicates: 2,
+                rejected: 0
+            }
+        );
+        assert_eq!(value_of("u", "calls").as_deref(), Some("4"));
+        // The expired id is claimed again: now, by the meter it went to.
+        assert_eq!(
+            sql_i64(
+                "SELECT count(*) FROM meter.dedupe_keys k JOIN meter.meters m ON m.id = k.meter_id
+                  WHERE k.seen_at > now() - interval '1 day' AND m.user_id = 'u' AND k.record_id IN ('expired', 'new')"
+            ),
+            2
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.dedupe_keys"), 3);
+    }
+
+    #[pg_test]
     fn a_rejected_record_does_not_claim_its_id() {
         dedupe_stream();
         ingest("s", json!({"userId": "u", "id": "r1", "value": "bad"}));
