@@ -5,8 +5,6 @@
 //!
 //! Everything is bounds-checked: malformed bytes read as null, never as a panic.
 
-use std::collections::BTreeMap;
-
 use pgrx::pg_sys;
 use serde_json::{Map, Number, Value};
 
@@ -162,7 +160,7 @@ impl<'a> Container<'a> {
         while lo < hi {
             let mid = (lo + hi) / 2;
             let candidate = self.key(mid);
-            match candidate.len().cmp(&wanted.len()).then_with(|| candidate.cmp(wanted)) {
+            match key_order(candidate, wanted) {
                 std::cmp::Ordering::Equal => return Some(self.node(count + mid)),
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
@@ -349,10 +347,17 @@ pub fn shallow_value(node: Node) -> Value {
     }
 }
 
+/// jsonb's order of an object's keys: shorter first, then by bytes.
+fn key_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
 /// The dotted paths a stream's processing reads, as a tree of keys.
 #[derive(Debug, Default, Clone)]
 pub struct Projection {
-    children: BTreeMap<String, Projection>,
+    /// The keys wanted here, in jsonb's key order (`key_order`), so that an
+    /// object's pairs, stored in that order, are matched in one merge pass.
+    children: Vec<(String, Projection)>,
     /// The whole value at this point is wanted (a path ends here).
     whole: bool,
 }
@@ -363,11 +368,25 @@ impl Projection {
         for path in paths {
             let mut node = &mut root;
             for part in path.as_str().split('.') {
-                node = node.children.entry(part.to_string()).or_default();
+                node = node.child(part);
             }
             node.whole = true;
         }
         root
+    }
+
+    fn child(&mut self, key: &str) -> &mut Projection {
+        let at = match self
+            .children
+            .binary_search_by(|(k, _)| key_order(k.as_bytes(), key.as_bytes()))
+        {
+            Ok(at) => at,
+            Err(at) => {
+                self.children.insert(at, (key.to_string(), Projection::default()));
+                at
+            }
+        };
+        &mut self.children[at].1
     }
 
     /// The record reduced to the projected paths, shaped as the record is, so
@@ -392,11 +411,25 @@ impl Projection {
             map.insert(key.to_string(), value);
         };
         if container.len() <= 4 * self.children.len() + 8 {
-            // A record of about the fields wanted: one pass over its pairs.
+            // A record of about the fields wanted: one merge pass over its pairs
+            // and the wanted keys, both in jsonb's key order.
+            let mut wanted = self.children.iter().peekable();
             for (key, node) in container.pairs() {
-                let Ok(key) = std::str::from_utf8(key) else { continue };
-                if let Some(wanted) = self.children.get(key) {
-                    take(key, wanted, node);
+                while let Some((name, projection)) = wanted.peek() {
+                    match key_order(name.as_bytes(), key) {
+                        std::cmp::Ordering::Less => {
+                            wanted.next();
+                        }
+                        std::cmp::Ordering::Equal => {
+                            take(name, projection, node);
+                            wanted.next();
+                            break;
+                        }
+                        std::cmp::Ordering::Greater => break,
+                    }
+                }
+                if wanted.peek().is_none() {
+                    break;
                 }
             }
         } else {

@@ -95,12 +95,24 @@ mod tests {
 
     #[pg_test]
     fn projections_keep_exactly_the_named_paths() {
-        let paths: Vec<FieldPath> = ["userId", "device.os", "meta", "missing.deep", "scalar.x"]
-            .iter()
-            .map(|p| FieldPath::parse(p).unwrap())
-            .collect();
+        // Keys of one length interleaved with wanted ones (jsonb sorts by length,
+        // then bytes) test the merge of pairs and wanted keys.
+        let paths: Vec<FieldPath> = [
+            "userId",
+            "device.os",
+            "meta",
+            "missing.deep",
+            "scalar.x",
+            "b",
+            "ab",
+            "c.zz",
+        ]
+        .iter()
+        .map(|p| FieldPath::parse(p).unwrap())
+        .collect();
         let projection = Projection::of(&paths);
-        let record = json!({"userId": 7, "device": {"os": "ios", "model": "x"}, "meta": {"a": [1, {"b": 2}]}, "scalar": 5, "other": 1});
+        let record = json!({"userId": 7, "device": {"os": "ios", "model": "x"}, "meta": {"a": [1, {"b": 2}]}, "scalar": 5, "other": 1,
+                            "a": 1, "b": 2, "aa": 3, "ab": 4, "ba": 5, "c": {"z": 6, "zy": 7, "zz": 8, "zzz": 9}});
         // Read in one pass over a small record's pairs, looked up one by one in a
         // record of many more fields (past the 32 entries that store an offset).
         let mut wide = record.clone();
@@ -122,7 +134,7 @@ mod tests {
             });
             assert_eq!(
                 projected,
-                json!({"userId": 7, "device": {"os": "ios"}, "meta": {"a": [1, {"b": 2}]}})
+                json!({"userId": 7, "device": {"os": "ios"}, "meta": {"a": [1, {"b": 2}]}, "b": 2, "ab": 4, "c": {"zz": 8}})
             );
             for path in &paths {
                 assert_eq!(path.get(&projected), path.get(&record), "{path}");
