@@ -112,11 +112,14 @@ impl AuditRows {
         self.rows += 1;
     }
 
-    /// Writes the rows in one statement, handed to it as one array of
-    /// `meter.usage_audit_batches` rows built here, in meter order (the
-    /// `(meter_id, period_start)` index then takes its entries in sequence).
-    /// The rows are palloc'd in the current memory context: callers write the
-    /// audit inside `sql::in_chunk_context`.
+    /// Writes the rows, in meter order (the `(meter_id, period_start)` index then
+    /// takes its entries in sequence), `ROWS_PER_STATEMENT` meters' rows per
+    /// statement, each handed to it as one array of `meter.usage_audit_batches`
+    /// rows built here. Each statement's arrays are freed before the next is
+    /// built: one array of a whole run's rows, copied once more by the INSERT's
+    /// plan and again into its tuplestore, made the backend fault in hundreds of
+    /// megabytes of fresh memory per run. The statement has a generic plan: a
+    /// custom plan copies its argument into the plan.
     pub fn insert(self, stream_id: i64, session_id: Option<i64>) -> Result<()> {
         if self.by_meter.is_empty() {
             return Ok(());
@@ -126,115 +129,126 @@ impl AuditRows {
             &[],
         )?
         .expect("the audit table has a row type");
-        // SAFETY: the row type is the audit table's, looked up just now.
-        let rows = unsafe { self.into_row_array(row_type, stream_id, session_id) };
-        sql::execute(
-            "INSERT INTO meter.usage_audit_batches
-                    (session_id, stream_id, meter_id, user_id, period_start, usage_ids, record_ids, rules, amounts,
-                     record_ats)
-             SELECT b.session_id, b.stream_id, b.meter_id, b.user_id, b.period_start, b.usage_ids, b.record_ids,
-                    b.rules, b.amounts, b.record_ats
-               FROM pg_catalog.unnest($1) b",
-            &[rows],
-        )?;
-        Ok(())
-    }
-
-    /// The rows as a `meter.usage_audit_batches[]` datum in the current memory context.
-    ///
-    /// # Safety
-    /// `row_type` must be the row type of `meter.usage_audit_batches`.
-    unsafe fn into_row_array(
-        self,
-        row_type: pg_sys::Oid,
-        stream_id: i64,
-        session_id: Option<i64>,
-    ) -> DatumWithOid<'static> {
         let AuditRows {
             by_meter, rule_names, ..
         } = self;
         let mut by_meter: Vec<(i64, MeterAudit)> = by_meter.into_iter().collect();
         by_meter.sort_unstable_by_key(|(meter_id, _)| *meter_id);
-        let descriptor = unsafe { pg_sys::lookup_rowtype_tupdesc(row_type, -1) };
-        // Columns by name: the table's order (and any dropped column) is the catalog's.
-        let columns: Vec<String> = (0..unsafe { (*descriptor).natts } as usize)
-            .map(|i| {
-                let attribute = unsafe { &*(*descriptor).attrs.as_ptr().add(i) };
-                unsafe { std::ffi::CStr::from_ptr(attribute.attname.data.as_ptr()) }
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        let position = |name: &str| columns.iter().position(|c| c == name).expect("an audit column");
-        let at = [
-            "session_id",
-            "stream_id",
-            "meter_id",
-            "user_id",
-            "period_start",
-            "usage_ids",
-            "record_ids",
-            "rules",
-            "amounts",
-            "record_ats",
-        ]
-        .map(position);
-        // Columns not set here (id, processed_at) stay NULL; the INSERT names its own.
-        let mut values = vec![pg_sys::Datum::from(0); columns.len()];
-        let mut nulls = vec![true; columns.len()];
-        let (int8, text, numeric, timestamptz) = (
-            sql::ElementType::of(pg_sys::INT8OID),
-            sql::ElementType::of(pg_sys::TEXTOID),
-            sql::ElementType::of(pg_sys::NUMERICOID),
-            sql::ElementType::of(pg_sys::TIMESTAMPTZOID),
-        );
-        // Each rule's text once: an array copies its elements.
-        let rule_texts: Vec<pg_sys::Datum> = rule_names.iter().map(|name| sql::text_datum(name)).collect();
-        let mut buffers = sql::ArrayBuffers::default();
-        let mut elements = Vec::with_capacity(by_meter.len());
-        for (meter_id, m) in by_meter {
-            let mut array_of = |element: &sql::ElementType, values: &mut dyn Iterator<Item = Option<pg_sys::Datum>>| {
-                Some(element.array_of(values, &mut buffers))
-            };
-            let fields = [
-                session_id.into_datum(),
-                stream_id.into_datum(),
-                meter_id.into_datum(),
-                m.user_id.into_datum(),
-                to_timestamptz(m.period_start).into_datum(),
-                array_of(&int8, &mut m.usage_ids.iter().map(|id| id.map(pg_sys::Datum::from))),
-                array_of(
-                    &text,
-                    &mut m.record_ids.iter().map(|id| id.as_deref().map(sql::text_datum)),
-                ),
-                array_of(&text, &mut m.rules.iter().map(|&rule| Some(rule_texts[rule as usize]))),
-                array_of(&numeric, &mut m.amounts.iter().map(|amount| Some(amount.to_numeric()))),
-                array_of(
-                    &timestamptz,
-                    &mut m.record_ats.iter().map(|&at| to_timestamptz(at).into_datum()),
-                ),
-            ];
-            for (&column, field) in at.iter().zip(fields) {
-                nulls[column] = field.is_none();
-                values[column] = field.unwrap_or(pg_sys::Datum::from(0));
-            }
-            unsafe {
-                let tuple = pg_sys::heap_form_tuple(descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());
-                elements.push(pg_sys::heap_copy_tuple_as_datum(tuple, descriptor));
-                pg_sys::heap_freetuple(tuple);
-            }
+        for meters in by_meter.chunks(ROWS_PER_STATEMENT) {
+            sql::in_chunk_context(|| {
+                // SAFETY: the row type is the audit table's, looked up just now.
+                let rows = unsafe { row_array(meters, &rule_names, row_type, stream_id, session_id) };
+                sql::with_generic_plans(|| {
+                    sql::execute(
+                        "INSERT INTO meter.usage_audit_batches
+                                (session_id, stream_id, meter_id, user_id, period_start, usage_ids, record_ids, rules,
+                                 amounts, record_ats)
+                         SELECT b.session_id, b.stream_id, b.meter_id, b.user_id, b.period_start, b.usage_ids,
+                                b.record_ids, b.rules, b.amounts, b.record_ats
+                           FROM pg_catalog.unnest($1) b",
+                        &[rows],
+                    )
+                })
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Meters whose audit rows one INSERT takes.
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// `meters`' audit rows as a `meter.usage_audit_batches[]` datum in the current
+/// memory context.
+///
+/// # Safety
+/// `row_type` must be the row type of `meter.usage_audit_batches`.
+unsafe fn row_array(
+    meters: &[(i64, MeterAudit)],
+    rule_names: &[String],
+    row_type: pg_sys::Oid,
+    stream_id: i64,
+    session_id: Option<i64>,
+) -> DatumWithOid<'static> {
+    let descriptor = unsafe { pg_sys::lookup_rowtype_tupdesc(row_type, -1) };
+    // Columns by name: the table's order (and any dropped column) is the catalog's.
+    let columns: Vec<String> = (0..unsafe { (*descriptor).natts } as usize)
+        .map(|i| {
+            let attribute = unsafe { &*(*descriptor).attrs.as_ptr().add(i) };
+            unsafe { std::ffi::CStr::from_ptr(attribute.attname.data.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let position = |name: &str| columns.iter().position(|c| c == name).expect("an audit column");
+    let at = [
+        "session_id",
+        "stream_id",
+        "meter_id",
+        "user_id",
+        "period_start",
+        "usage_ids",
+        "record_ids",
+        "rules",
+        "amounts",
+        "record_ats",
+    ]
+    .map(position);
+    // Columns not set here (id, processed_at) stay NULL; the INSERT names its own.
+    let mut values = vec![pg_sys::Datum::from(0); columns.len()];
+    let mut nulls = vec![true; columns.len()];
+    let (int8, text, numeric, timestamptz) = (
+        sql::ElementType::of(pg_sys::INT8OID),
+        sql::ElementType::of(pg_sys::TEXTOID),
+        sql::ElementType::of(pg_sys::NUMERICOID),
+        sql::ElementType::of(pg_sys::TIMESTAMPTZOID),
+    );
+    // Each rule's text once: an array copies its elements.
+    let rule_texts: Vec<pg_sys::Datum> = rule_names.iter().map(|name| sql::text_datum(name)).collect();
+    let mut buffers = sql::ArrayBuffers::default();
+    let mut elements = Vec::with_capacity(meters.len());
+    for (meter_id, m) in meters {
+        let mut array_of = |element: &sql::ElementType, values: &mut dyn Iterator<Item = Option<pg_sys::Datum>>| {
+            Some(element.array_of(values, &mut buffers))
+        };
+        let fields = [
+            session_id.into_datum(),
+            stream_id.into_datum(),
+            meter_id.into_datum(),
+            m.user_id.as_str().into_datum(),
+            to_timestamptz(m.period_start).into_datum(),
+            array_of(&int8, &mut m.usage_ids.iter().map(|id| id.map(pg_sys::Datum::from))),
+            array_of(
+                &text,
+                &mut m.record_ids.iter().map(|id| id.as_deref().map(sql::text_datum)),
+            ),
+            array_of(&text, &mut m.rules.iter().map(|&rule| Some(rule_texts[rule as usize]))),
+            array_of(&numeric, &mut m.amounts.iter().map(|amount| Some(amount.to_numeric()))),
+            array_of(
+                &timestamptz,
+                &mut m.record_ats.iter().map(|&at| to_timestamptz(at).into_datum()),
+            ),
+        ];
+        for (&column, field) in at.iter().zip(fields) {
+            nulls[column] = field.is_none();
+            values[column] = field.unwrap_or(pg_sys::Datum::from(0));
         }
         unsafe {
-            pg_sys::DecrTupleDescRefCount(descriptor);
-            let array = pg_sys::construct_array(
-                elements.as_mut_ptr(),
-                elements.len() as i32,
-                row_type,
-                -1,
-                false,
-                pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
-            );
-            DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::get_array_type(row_type))
+            let tuple = pg_sys::heap_form_tuple(descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());
+            elements.push(pg_sys::heap_copy_tuple_as_datum(tuple, descriptor));
+            pg_sys::heap_freetuple(tuple);
         }
+    }
+    unsafe {
+        pg_sys::DecrTupleDescRefCount(descriptor);
+        let array = pg_sys::construct_array(
+            elements.as_mut_ptr(),
+            elements.len() as i32,
+            row_type,
+            -1,
+            false,
+            pg_sys::TYPALIGN_DOUBLE as std::ffi::c_char,
+        );
+        DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::get_array_type(row_type))
     }
 }

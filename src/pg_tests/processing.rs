@@ -86,6 +86,32 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_audit_of_more_meters_than_one_insert_takes_keeps_every_record() {
+        run("SELECT meter.create_meter_type('calls', 'sum')");
+        run(
+            r#"SELECT meter.create_stream('s', '[{"name": "all", "meter_type": "calls"}]', auto_create_meters => true)"#,
+        );
+        // 2 500 meters (one statement writes 1 000 meters' rows), two records each.
+        run(
+            r#"SELECT meter.ingest('s', jsonb_agg(jsonb_build_object('id', 'r' || i, 'userId', 'u' || i % 2500, 'value', i)))
+                 FROM generate_series(1, 5000) i"#,
+        );
+        assert_eq!(process("s").metered, 5000);
+        assert_eq!(
+            rows(
+                "SELECT count(*) AS records, count(DISTINCT meter_id) AS meters, count(DISTINCT batch_id) AS batches,
+                        sum(value)::text AS total
+                   FROM meter.usage_audit"
+            ),
+            json!([{"records": 5000, "meters": 2500, "batches": 2500, "total": "12502500"}])
+        );
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.verify_meters('s') WHERE NOT matches"),
+            0
+        );
+    }
+
+    #[pg_test]
     fn the_audit_keeps_each_records_exact_amount_time_id_and_rule() {
         eu_and_all(true);
         // Ids that array text would have to quote, amounts past i64 and past 15
