@@ -588,18 +588,20 @@ impl<'s> Processor<'s> {
         if first_in_chunk.is_empty() {
             return Ok(duplicates);
         }
-        let (mut ids, mut meter_ids) = (
-            Vec::with_capacity(first_in_chunk.len()),
-            Vec::with_capacity(first_in_chunk.len()),
-        );
-        for item in taken {
-            if let Some(id) = item.record_id.as_deref() {
-                if first_in_chunk.get(id) == Some(&item.index) {
-                    ids.push(id.to_string());
-                    meter_ids.push(self.meters.get(&item.key).map(|s| s.id).filter(|id| *id > 0));
+        // Each id once (its first record), with the meter it goes to, if `wanted`.
+        let claims = |wanted: &dyn Fn(&str) -> bool| {
+            let (mut ids, mut meter_ids) = (Vec::new(), Vec::new());
+            for item in taken {
+                if let Some(id) = item.record_id.as_deref() {
+                    if first_in_chunk.get(id) == Some(&item.index) && wanted(id) {
+                        ids.push(id.to_string());
+                        meter_ids.push(self.meters.get(&item.key).map(|s| s.id).filter(|id| *id > 0));
+                    }
                 }
             }
-        }
+            (ids, meter_ids)
+        };
+        let (ids, meter_ids) = claims(&|_| true);
         let now = to_timestamptz(self.clock.now);
         let forget_before = to_timestamptz(self.clock.now - gucs::dedupe_retention());
         let fresh: HashSet<String> = match self.mode {
@@ -610,32 +612,22 @@ impl<'s> Processor<'s> {
                 // it one) planned as an index lookup per id, whatever the planner
                 // believes about the table's size; ON CONFLICT's lookups cost
                 // twice as much.
+                let count = ids.len();
                 let mut fresh: HashSet<String> = sql::by_index_lookups(|| {
                     sql::strings(
                         "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at, meter_id)
-                     SELECT $1, c.id, $3, c.meter FROM unnest($2::text[], $4::bigint[]) AS c(id, meter)
-                      WHERE NOT EXISTS (SELECT FROM meter.dedupe_keys k
-                                         WHERE k.stream_id = $1 AND k.record_id = c.id OFFSET 0)
-                     RETURNING record_id",
-                        &[
-                            self.stream.id.into(),
-                            ids.clone().into(),
-                            now.into(),
-                            meter_ids.clone().into(),
-                        ],
+                         SELECT $1, c.id, $3, c.meter FROM unnest($2::text[], $4::bigint[]) AS c(id, meter)
+                          WHERE NOT EXISTS (SELECT FROM meter.dedupe_keys k
+                                             WHERE k.stream_id = $1 AND k.record_id = c.id OFFSET 0)
+                         RETURNING record_id",
+                        &[self.stream.id.into(), ids.into(), now.into(), meter_ids.into()],
                     )
                 })?
                 .into_iter()
                 .collect();
-                if fresh.len() < ids.len() {
+                if fresh.len() < count {
                     // Ids seen before: those past the retention count again.
-                    let (mut known, mut known_meters) = (Vec::new(), Vec::new());
-                    for (id, meter) in ids.into_iter().zip(meter_ids) {
-                        if !fresh.contains(&id) {
-                            known.push(id);
-                            known_meters.push(meter);
-                        }
-                    }
+                    let (known, known_meters) = claims(&|id| !fresh.contains(id));
                     fresh.extend(self.upsert_record_ids(known, known_meters, now, forget_before)?);
                 }
                 fresh
