@@ -24,6 +24,7 @@ use crate::catalog::{self, MeterTypeSettings, NewMeter, Stream};
 use crate::convert::{to_timestamp, to_timestamptz};
 use crate::errors::Result;
 use crate::gucs;
+use crate::locks;
 use crate::record::{extract, Clock, Extracted, Rejection};
 use crate::rules::{Decision, Rule};
 use crate::sql;
@@ -210,12 +211,14 @@ impl<'s> Processor<'s> {
         self
     }
 
-    /// Tells the processor its transaction holds the stream's run lock: record ids
-    /// are then claimed by a probe and a plain insert, which costs less per record
-    /// than `ON CONFLICT` (see `claim_record_ids`).
-    pub fn holding_stream(mut self) -> Self {
+    /// Takes the stream's run lock for the transaction (a no-op for a run, which
+    /// holds it from its start): record ids are then claimed by a probe and a
+    /// plain insert, which costs less per record than `ON CONFLICT` (see
+    /// `claim_record_ids`).
+    pub fn holding_stream(mut self) -> Result<Self> {
+        locks::stream(self.stream.id, true)?;
         self.holds_stream = true;
-        self
+        Ok(self)
     }
 
     /// Writes back every meter changed, and every audit row, not written yet.

@@ -171,7 +171,7 @@ fn step_from(id: i64, flushed_to: &mut Position) -> Result<Step> {
                 start_closing(id)?;
                 return Ok(Step::More);
             }
-            let mut processor = Processor::new(&stream, Mode::Apply, Some(id), session.as_of)?.holding_stream();
+            let mut processor = Processor::new(&stream, Mode::Apply, Some(id), session.as_of)?.holding_stream()?;
             let counts = Counts::of(&processor.process(&chunk)?);
             sessions::count(id, counts, 0)?;
             sessions::set_inbox_position(id, inbox::last_id(&chunk, session.inbox_position))?;
@@ -226,12 +226,9 @@ pub fn to_end(id: i64) -> Result<()> {
 /// chunk, then on to the closing phase.
 fn process_all(session: &Session) -> Result<()> {
     let stream = catalog::load_stream(&session.stream_name)?;
-    // Held already when this transaction began the run; taken again (a no-op) so
-    // that `holding_stream` is true however this is reached.
-    locks::stream(stream.id, true)?;
     let mut processor = Processor::new(&stream, Mode::Apply, Some(session.id), session.as_of)?
         .keep_meters()
-        .holding_stream();
+        .holding_stream()?;
     let projection = stream.projection();
     let mut after = session.inbox_position;
     loop {
