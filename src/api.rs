@@ -221,9 +221,9 @@ fn preview(
                 } => (
                     n,
                     "metered".to_string(),
-                    Some(rule),
+                    Some(rule.to_string()),
                     meter_id,
-                    Some(meter_type),
+                    Some(meter_type.to_string()),
                     Some(user_id),
                     AnyNumeric::try_from(value.to_plain_string().as_str()).ok(),
                     new_meter,
@@ -236,7 +236,7 @@ fn preview(
                 } => (
                     n,
                     "duplicate".to_string(),
-                    Some(rule),
+                    Some(rule.to_string()),
                     None,
                     None,
                     Some(user_id),

@@ -14,7 +14,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use bigdecimal::BigDecimal;
 use jiff::Timestamp;
-use pgrx::datum::TimestampWithTimeZone;
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use serde_json::{Map, Value};
 
@@ -68,14 +68,16 @@ impl Input {
     }
 }
 
-/// What happened (or, simulated, would happen) to one record.
+/// What happened (or, simulated, would happen) to one record. Rule and meter type
+/// names are the stream's (`'s`): a run meters millions of records, and copying
+/// them per record cost more than counting it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum Outcome<'s> {
     Metered {
-        rule: String,
+        rule: &'s str,
         /// `None` for a meter a simulation would create.
         meter_id: Option<i64>,
-        meter_type: String,
+        meter_type: &'s str,
         user_id: String,
         /// What the record added to the meter (see `MeterState::apply`).
         value: BigDecimal,
@@ -83,7 +85,7 @@ pub enum Outcome {
     },
     Duplicate {
         record_id: String,
-        rule: String,
+        rule: &'s str,
         user_id: String,
     },
     Rejected {
@@ -102,7 +104,7 @@ pub struct Counts {
 }
 
 impl Counts {
-    pub fn of(outcomes: &[Outcome]) -> Counts {
+    pub fn of(outcomes: &[Outcome<'_>]) -> Counts {
         let mut counts = Counts::default();
         for outcome in outcomes {
             match outcome {
@@ -136,7 +138,6 @@ const MAX_KEPT_AUDIT: usize = 200_000;
 struct Slot {
     /// Negative: a meter a simulation would create.
     id: i64,
-    type_name: String,
     state: MeterState,
     period_start: Timestamp,
     closed: bool,
@@ -145,13 +146,13 @@ struct Slot {
 }
 
 /// A record a rule took, before deduplication and application.
-struct Taken<'r> {
+struct Taken<'r, 'e> {
     index: usize,
     rule: &'r Rule,
     key: MeterKey,
     contribution: Contribution,
     at: Timestamp,
-    record_id: Option<String>,
+    record_id: Option<&'e str>,
 }
 
 pub struct Processor<'s> {
@@ -239,7 +240,7 @@ impl<'s> Processor<'s> {
     }
 
     /// Processes one chunk, in input order, and returns what happened to each record.
-    pub fn process(&mut self, inputs: &[Input]) -> Result<Vec<Outcome>> {
+    pub fn process(&mut self, inputs: &[Input]) -> Result<Vec<Outcome<'s>>> {
         if !self.keep_meters {
             // Each chunk reads its meters afresh: memory stays bounded by the chunk.
             self.meters.clear();
@@ -298,7 +299,7 @@ impl<'s> Processor<'s> {
                             key,
                             contribution,
                             at,
-                            record_id: record.record_id.clone(),
+                            record_id: record.record_id.as_deref(),
                         }),
                         Err(rejection) => outcomes[index] = Some(rejected(&rejection, Some(rule.name.clone()))),
                     }
@@ -311,13 +312,13 @@ impl<'s> Processor<'s> {
 
         // Pass 2: apply, in input order.
         let (existing_seen, mut fresh_seen) = (self.load_seen(&taken, &duplicates, inputs)?, HashSet::default());
-        for item in &taken {
+        for item in taken {
             let input = &inputs[item.index];
             if duplicates.contains(&item.index) {
                 outcomes[item.index] = Some(Outcome::Duplicate {
-                    record_id: item.record_id.clone().unwrap_or_default(),
-                    rule: item.rule.name.clone(),
-                    user_id: item.key.1.clone(),
+                    record_id: item.record_id.unwrap_or_default().to_string(),
+                    rule: &item.rule.name,
+                    user_id: item.key.1,
                 });
                 continue;
             }
@@ -354,17 +355,17 @@ impl<'s> Processor<'s> {
                     user_id: &item.key.1,
                     period_start: slot.period_start,
                     usage_id: input.usage_id,
-                    record_id: item.record_id.as_deref(),
+                    record_id: item.record_id,
                     rule: &item.rule.name,
                     amount: &value,
                     at: item.at,
                 });
             }
             outcomes[item.index] = Some(Outcome::Metered {
-                rule: item.rule.name.clone(),
+                rule: &item.rule.name,
                 meter_id: (slot.id > 0).then_some(slot.id),
-                meter_type: slot.type_name.clone(),
-                user_id: item.key.1.clone(),
+                meter_type: &item.rule.meter_type,
+                user_id: item.key.1,
                 value,
                 new_meter: slot.new,
             });
@@ -464,7 +465,8 @@ impl<'s> Processor<'s> {
         if users.is_empty() {
             return Ok(());
         }
-        let type_names: HashMap<i64, String> = self.types.values().map(|t| (t.id, t.name.clone())).collect();
+        // Meters of types the rules no longer name are not this run's.
+        let type_ids: HashSet<i64> = self.types.values().map(|t| t.id).collect();
         let lock = if self.mode == Mode::Apply { "FOR UPDATE" } else { "" };
         let query = format!(
             "SELECT id, meter_type_id, user_id, aggregation, value::text, groups::text, carry_first::text,
@@ -478,9 +480,9 @@ impl<'s> Processor<'s> {
             let mut rows = Vec::new();
             for row in sql::run(client, &query, &[self.stream.id.into(), users.clone().into()])? {
                 let type_id = row.get::<i64>(2)?.unwrap();
-                let Some(type_name) = type_names.get(&type_id) else {
+                if !type_ids.contains(&type_id) {
                     continue;
-                };
+                }
                 let stored = StoredState {
                     aggregation: row.get::<String>(4)?.unwrap(),
                     value: row.get::<String>(5)?,
@@ -496,7 +498,6 @@ impl<'s> Processor<'s> {
                     (type_id, row.get::<String>(3)?.unwrap()),
                     Slot {
                         id: row.get::<i64>(1)?.unwrap(),
-                        type_name: type_name.clone(),
                         state: stored.into_state(),
                         period_start: row.get::<TimestampWithTimeZone>(13)?.and_then(to_timestamp).unwrap(),
                         closed: row.get::<bool>(14)?.unwrap(),
@@ -560,7 +561,6 @@ impl<'s> Processor<'s> {
                         key,
                         Slot {
                             id,
-                            type_name: settings.name.clone(),
                             state: MeterState::reset(settings.aggregation),
                             period_start: period.start,
                             closed: false,
@@ -580,7 +580,7 @@ impl<'s> Processor<'s> {
         let mut duplicates = HashSet::default();
         let mut first_in_chunk: HashMap<&str, usize> = HashMap::default();
         for item in taken {
-            if let Some(id) = item.record_id.as_deref() {
+            if let Some(id) = item.record_id {
                 if first_in_chunk.contains_key(id) {
                     duplicates.insert(item.index);
                 } else {
@@ -591,55 +591,32 @@ impl<'s> Processor<'s> {
         if first_in_chunk.is_empty() {
             return Ok(duplicates);
         }
-        // Each id once (its first record), with the meter it goes to, if `wanted`.
-        let claims = |wanted: &dyn Fn(&str) -> bool| {
-            let (mut ids, mut meter_ids) = (Vec::new(), Vec::new());
-            for item in taken {
-                if let Some(id) = item.record_id.as_deref() {
-                    if first_in_chunk.get(id) == Some(&item.index) && wanted(id) {
-                        ids.push(id.to_string());
-                        meter_ids.push(self.meters.get(&item.key).map(|s| s.id).filter(|id| *id > 0));
-                    }
-                }
-            }
-            (ids, meter_ids)
-        };
-        let (ids, meter_ids) = claims(&|_| true);
+        // Each id once: its first record claims it.
+        let claiming: Vec<&Taken> = taken
+            .iter()
+            .filter(|t| t.record_id.is_some_and(|id| first_in_chunk[id] == t.index))
+            .collect();
         let now = to_timestamptz(self.clock.now);
         let forget_before = to_timestamptz(self.clock.now - gucs::dedupe_retention());
-        let fresh: HashSet<String> = match self.mode {
-            Mode::Apply if self.holds_stream => {
-                // Nobody else claims this stream's ids now, so a plain INSERT of the
-                // ids not found cannot conflict (if it did, the run would fail and
-                // roll back, losing nothing). The probe is a subplan (OFFSET 0 keeps
-                // it one) planned as an index lookup per id, whatever the planner
-                // believes about the table's size; ON CONFLICT's lookups cost
-                // twice as much.
-                let count = ids.len();
-                let mut fresh: HashSet<String> = sql::by_index_lookups(|| {
-                    sql::strings(
-                        "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at, meter_id)
-                         SELECT $1, c.id, $3, c.meter FROM unnest($2::text[], $4::bigint[]) AS c(id, meter)
-                          WHERE NOT EXISTS (SELECT FROM meter.dedupe_keys k
-                                             WHERE k.stream_id = $1 AND k.record_id = c.id OFFSET 0)
-                         RETURNING record_id",
-                        &[self.stream.id.into(), ids.into(), now.into(), meter_ids.into()],
-                    )
-                })?
-                .into_iter()
-                .collect();
-                if fresh.len() < count {
-                    // Ids seen before: those past the retention count again.
-                    let (known, known_meters) = claims(&|id| !fresh.contains(id));
-                    fresh.extend(self.upsert_record_ids(known, known_meters, now, forget_before)?);
-                }
-                fresh
+        // The ids that do not count (again).
+        let seen_before: HashSet<String> = match self.mode {
+            Mode::Apply if self.holds_stream => self.claim_holding_stream(&claiming, now, forget_before)?,
+            Mode::Apply => {
+                let claimed: HashSet<String> = self
+                    .upsert_record_ids(&claiming, now, forget_before)?
+                    .into_iter()
+                    .collect();
+                first_in_chunk
+                    .keys()
+                    .filter(|id| !claimed.contains(**id))
+                    .map(|id| id.to_string())
+                    .collect()
             }
-            Mode::Apply => self
-                .upsert_record_ids(ids, meter_ids, now, forget_before)?
-                .into_iter()
-                .collect(),
             Mode::Simulate => {
+                let ids: Vec<String> = claiming
+                    .iter()
+                    .filter_map(|t| t.record_id.map(str::to_string))
+                    .collect();
                 let known: HashSet<String> = sql::strings(
                     "SELECT record_id FROM meter.dedupe_keys WHERE stream_id = $1 AND record_id = ANY($2) AND seen_at >= $3",
                     &[self.stream.id.into(), ids.clone().into(), forget_before.into()],
@@ -647,16 +624,93 @@ impl<'s> Processor<'s> {
                 .into_iter()
                 .collect();
                 ids.into_iter()
-                    .filter(|id| !known.contains(id) && self.simulated_claims.insert(id.clone()))
+                    .filter(|id| known.contains(id) || !self.simulated_claims.insert(id.clone()))
                     .collect()
             }
         };
         for (id, index) in first_in_chunk {
-            if !fresh.contains(id) {
+            if seen_before.contains(id) {
                 duplicates.insert(index);
             }
         }
         Ok(duplicates)
+    }
+
+    /// Claims ids while this transaction holds the stream's run lock: nobody else
+    /// claims them meanwhile, so the ids not found are inserted plainly and cannot
+    /// conflict (if one did, the run would fail and roll back, losing nothing).
+    /// Returns the ids seen before and still within the retention.
+    ///
+    /// The probe returns only the ids found, usually none; it is a subplan (OFFSET
+    /// 0 keeps it one) planned as an index lookup per id, whatever the planner
+    /// believes about the table's size. Probe and plain insert cost less than ON
+    /// CONFLICT's lookups, and returning every claimed id cost a string per record.
+    fn claim_holding_stream(
+        &self,
+        claiming: &[&Taken],
+        now: TimestampWithTimeZone,
+        forget_before: TimestampWithTimeZone,
+    ) -> Result<HashSet<String>> {
+        let mut buffers = sql::ArrayBuffers::default();
+        let text_ids = |items: &[&Taken], buffers: &mut sql::ArrayBuffers| {
+            sql::ElementType::of(pg_sys::TEXTOID)
+                .array_of(items.iter().map(|t| t.record_id.map(sql::text_datum)), buffers)
+        };
+        let ids = text_ids(claiming, &mut buffers);
+        // SAFETY (each `DatumWithOid::new` below): the datums are arrays of the
+        // types named, built just now in the current memory context.
+        let known: HashSet<String> = sql::by_index_lookups(|| {
+            sql::strings(
+                "SELECT c.id FROM unnest($2::text[]) AS c(id)
+                  WHERE EXISTS (SELECT FROM meter.dedupe_keys k WHERE k.stream_id = $1 AND k.record_id = c.id OFFSET 0)",
+                &[self.stream.id.into(), unsafe { DatumWithOid::new(ids, pg_sys::TEXTARRAYOID) }],
+            )
+        })?
+        .into_iter()
+        .collect();
+        let (new, ids) = if known.is_empty() {
+            (claiming.to_vec(), ids)
+        } else {
+            let new: Vec<&Taken> = claiming
+                .iter()
+                .copied()
+                .filter(|t| t.record_id.is_some_and(|id| !known.contains(id)))
+                .collect();
+            let ids = text_ids(&new, &mut buffers);
+            (new, ids)
+        };
+        if !new.is_empty() {
+            let meters = sql::ElementType::of(pg_sys::INT8OID).array_of(
+                new.iter().map(|t| self.claimed_meter(t).map(pg_sys::Datum::from)),
+                &mut buffers,
+            );
+            sql::execute(
+                "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at, meter_id)
+                 SELECT $1, c.id, $3, c.meter FROM unnest($2::text[], $4::bigint[]) AS c(id, meter)",
+                &[
+                    self.stream.id.into(),
+                    unsafe { DatumWithOid::new(ids, pg_sys::TEXTARRAYOID) },
+                    now.into(),
+                    unsafe { DatumWithOid::new(meters, pg_sys::INT8ARRAYOID) },
+                ],
+            )?;
+        }
+        if known.is_empty() {
+            return Ok(known);
+        }
+        // Ids seen before: those past the retention count again.
+        let seen: Vec<&Taken> = claiming
+            .iter()
+            .copied()
+            .filter(|t| t.record_id.is_some_and(|id| known.contains(id)))
+            .collect();
+        let renewed: HashSet<String> = self.upsert_record_ids(&seen, now, forget_before)?.into_iter().collect();
+        Ok(known.into_iter().filter(|id| !renewed.contains(id)).collect())
+    }
+
+    /// The meter a claimed id's record goes to (none yet for a simulated new meter).
+    fn claimed_meter(&self, item: &Taken) -> Option<i64> {
+        self.meters.get(&item.key).map(|s| s.id).filter(|id| *id > 0)
     }
 
     /// Claims ids that concurrent transactions may claim too (realtime metering):
@@ -667,11 +721,12 @@ impl<'s> Processor<'s> {
     /// after the table grew, could scan it whole).
     fn upsert_record_ids(
         &self,
-        ids: Vec<String>,
-        meter_ids: Vec<Option<i64>>,
+        claiming: &[&Taken],
         now: TimestampWithTimeZone,
         forget_before: TimestampWithTimeZone,
     ) -> Result<Vec<String>> {
+        let ids: Vec<&str> = claiming.iter().filter_map(|t| t.record_id).collect();
+        let meter_ids: Vec<Option<i64>> = claiming.iter().map(|t| self.claimed_meter(t)).collect();
         sql::strings(
             "INSERT INTO meter.dedupe_keys AS k (stream_id, record_id, seen_at, meter_id)
              SELECT $1, c.id, $3, c.meter FROM unnest($2::text[], $5::bigint[]) AS c(id, meter)
@@ -748,7 +803,7 @@ impl<'s> Processor<'s> {
     }
 }
 
-fn rejected(rejection: &Rejection, rule: Option<String>) -> Outcome {
+fn rejected<'s>(rejection: &Rejection, rule: Option<String>) -> Outcome<'s> {
     Outcome::Rejected {
         code: rejection.code(),
         reason: rejection.to_string(),
@@ -967,7 +1022,7 @@ impl MeterRows {
 pub fn insert_rejected<'a>(
     stream: &str,
     session_id: Option<i64>,
-    items: impl Iterator<Item = (&'a Value, &'a Outcome)>,
+    items: impl Iterator<Item = (&'a Value, &'a Outcome<'a>)>,
 ) -> Result<()> {
     let (mut records, mut codes, mut reasons, mut rules) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (record, outcome) in items {

@@ -290,9 +290,9 @@ fn debug(session: &Session, stream: &Stream) -> Result<Step> {
                     user_id,
                     ..
                 } => {
-                    *by_rule.entry(rule.clone()).or_default() += 1;
+                    *by_rule.entry(rule.to_string()).or_default() += 1;
                     if *new_meter {
-                        new_meters.insert((meter_type.clone(), user_id.clone()));
+                        new_meters.insert((meter_type.to_string(), user_id.clone()));
                     }
                 }
                 Outcome::Rejected { code, reason, rule } => {
