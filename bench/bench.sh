@@ -19,7 +19,7 @@ if [ "$CHECK" ]; then
 else
     RECORDS=${RECORDS:-1000000} USERS=${USERS:-10000} FLUSH_METERS=${FLUSH_METERS:-1000000}
     MEM_RECORDS=${MEM_RECORDS:-5000000} TRIGGER_RECORDS=${TRIGGER_RECORDS:-100000} REALTIME_SECONDS=${REALTIME_SECONDS:-15}
-    ROUNDS=${ROUNDS:-2}   # batch workloads: each side's best of this many rounds
+    ROUNDS=${ROUNDS:-3}   # batch workloads: each side's best of this many rounds
 fi
 INGEST_BATCH=${INGEST_BATCH:-1000}
 CHUNK_SIZE=${CHUNK_SIZE:-10000}
