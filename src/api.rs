@@ -198,10 +198,10 @@ fn preview(
 > {
     let stream = catalog::load_stream(stream)?;
     // SAFETY: the argument datum lives for the whole call.
+    let projection = stream.projection();
     let inputs: Vec<Input> = unsafe { inbox::Batch::new(records.0) }?
-        .values()
-        .into_iter()
-        .map(Input::new)
+        .inputs(usize::MAX, &projection)
+        .flatten()
         .collect();
     let mut processor = Processor::new(&stream, Mode::Simulate, None, transaction_now())?;
     let outcomes = processor.process(&inputs)?;

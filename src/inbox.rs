@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 
 use pgrx::prelude::*;
-use serde_json::Value;
 
 use crate::catalog::{Stream, StreamMode};
 use crate::convert::{to_timestamptz, transaction_now};
@@ -12,7 +11,7 @@ use crate::errors::{MeterError, Result};
 use crate::gucs;
 use crate::jsonb::{self, Container, Node, Projection};
 use crate::processor::Input;
-use crate::record::{extract, Clock};
+use crate::record::{extract, Clock, Rejection};
 use crate::sql;
 
 /// `ingest`'s answer.
@@ -70,18 +69,18 @@ impl<'a> Batch<'a> {
         single.into_iter().chain(root.elements())
     }
 
-    /// Every record, whole, in chunks of at most `size` (at least 1).
-    pub fn chunks(&self, size: usize) -> impl Iterator<Item = Vec<Value>> + '_ {
-        let mut elements = self.elements().map(jsonb::to_value);
+    /// Every record as the processor takes it, in chunks of at most `size` (at
+    /// least 1): the fields `projection` names, as a run reads them from the inbox,
+    /// and the record as received (binary), which a rejection keeps intact.
+    pub fn inputs<'p>(&'p self, size: usize, projection: &'p Projection) -> impl Iterator<Item = Vec<Input>> + 'p {
+        let mut inputs = self.elements().map(|node| match node {
+            Node::Container(c) if !c.is_scalar() => Input::projected(None, c.to_varlena(), projection),
+            scalar => Input::new(jsonb::to_value(scalar)),
+        });
         std::iter::from_fn(move || {
-            let chunk: Vec<Value> = elements.by_ref().take(size).collect();
+            let chunk: Vec<Input> = inputs.by_ref().take(size.max(1)).collect();
             (!chunk.is_empty()).then_some(chunk)
         })
-    }
-
-    /// Every record, whole.
-    pub fn values(&self) -> Vec<Value> {
-        self.elements().map(jsonb::to_value).collect()
     }
 }
 
@@ -120,12 +119,19 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
         let record = match node {
             Node::Container(c) if c.is_object() && !c.is_scalar() => checked.apply(c),
             // Rejected as not an object; stored from the argument, intact.
-            other => jsonb::shallow_value(other),
+            other => Ok(jsonb::shallow_value(other)),
         };
-        match extract(&record, fields, &clock) {
-            Ok(extracted) => {
+        let outcome = match &record {
+            Ok(record) => extract(record, fields, &clock).map(|extracted| extracted.record_id),
+            Err(field) => Err(Rejection::TooDeep {
+                field: field.clone(),
+                limit: jsonb::MAX_READ_DEPTH,
+            }),
+        };
+        match outcome {
+            Ok(record_id) => {
                 queued += 1;
-                if let Some(id) = extracted.record_id {
+                if let Some(id) = record_id {
                     if !ids_in_batch.insert(id) {
                         repeated += 1;
                     }
@@ -231,12 +237,7 @@ fn read_chunk(query: &str, args: &[pgrx::datum::DatumWithOid], projection: &Proj
             };
             // SAFETY: column 2 is a non-null jsonb.
             let stored = unsafe { jsonb::datum_bytes(datum.0) };
-            let record = Container::from_varlena(&stored).map_or(Value::Null, |root| projection.apply(root));
-            inputs.push(Input {
-                usage_id: row.get::<i64>(1)?,
-                record,
-                stored: Some(stored),
-            });
+            inputs.push(Input::projected(row.get::<i64>(1)?, stored, projection));
         }
         Ok(inputs)
     })?;

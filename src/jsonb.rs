@@ -169,6 +169,22 @@ impl<'a> Container<'a> {
         None
     }
 
+    /// The container as a jsonb datum's bytes: a 4-byte varlena header, then the
+    /// container as it is (how PostgreSQL makes a datum of a nested container).
+    pub fn to_varlena(self) -> Vec<u8> {
+        let size = 4 + self.bytes.len();
+        // SET_VARSIZE of a 4-byte header.
+        let header = if cfg!(target_endian = "little") {
+            (size as u32) << 2
+        } else {
+            size as u32 & 0x3FFF_FFFF
+        };
+        let mut varlena = Vec::with_capacity(size);
+        varlena.extend_from_slice(&header.to_ne_bytes());
+        varlena.extend_from_slice(self.bytes);
+        varlena
+    }
+
     /// The value a root container holds: a scalar root's one element, or the
     /// container itself.
     pub fn value(self) -> Node<'a> {
@@ -336,6 +352,35 @@ pub fn to_value(node: Node) -> Value {
     }
 }
 
+/// How many levels of arrays and objects a record may nest along the fields its
+/// stream reads (the record itself is the first). Deeper, the record is rejected
+/// (`too_deep`): PostgreSQL parses jsonb as deep as its stack allows, and reading
+/// such a value here, or storing it in a meter, would fail the whole run instead of
+/// the one record. Fields nobody reads may nest as deep as PostgreSQL allows.
+pub const MAX_READ_DEPTH: usize = 64;
+
+/// `to_value`, unless the node nests more than `levels` arrays and objects.
+fn bounded_value(node: Node, levels: usize) -> Option<Value> {
+    match node {
+        Node::Container(c) if c.is_scalar() => c
+            .elements()
+            .next()
+            .map_or(Some(Value::Null), |n| bounded_value(n, levels)),
+        Node::Container(_) if levels == 0 => None,
+        Node::Container(c) if c.is_object() => c
+            .pairs()
+            .map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), bounded_value(v, levels - 1)?)))
+            .collect::<Option<Map<_, _>>>()
+            .map(Value::Object),
+        Node::Container(c) => c
+            .elements()
+            .map(|v| bounded_value(v, levels - 1))
+            .collect::<Option<Vec<_>>>()
+            .map(Value::Array),
+        scalar => Some(to_value(scalar)),
+    }
+}
+
 /// A node reduced to its kind, containers left empty: enough to reject a record
 /// that is not an object, without reading (or recursing into) what it holds.
 pub fn shallow_value(node: Node) -> Value {
@@ -391,24 +436,44 @@ impl Projection {
 
     /// The record reduced to the projected paths, shaped as the record is, so
     /// `FieldPath::get` finds every projected field as in the full record. A root
-    /// that is not an object is returned whole (it is rejected as such).
-    pub fn apply(&self, root: Container) -> Value {
+    /// that is not an object is reduced to its kind (it is rejected as such; the
+    /// rejection keeps the stored record). `Err` names the first projected field
+    /// that nests deeper than `MAX_READ_DEPTH`.
+    pub fn apply(&self, root: Container) -> Result<Value, String> {
         if !root.is_object() {
-            return to_value(Node::Container(root));
+            return Ok(shallow_value(Node::Container(root)));
         }
-        self.object(root)
+        self.object(root, 1).map_err(|mut path| {
+            path.reverse();
+            path.join(".")
+        })
     }
 
-    fn object(&self, container: Container) -> Value {
+    /// `container` (at `depth` levels) reduced to the wanted keys; `Err` is the
+    /// path to a value nested too deep, innermost key first.
+    fn object(&self, container: Container, depth: usize) -> Result<Value, Vec<String>> {
         let mut map = Map::new();
+        let mut too_deep = None;
         let mut take = |key: &str, wanted: &Projection, node: Node| {
             let value = match node {
-                _ if wanted.whole => to_value(node),
-                Node::Container(c) if c.is_object() => wanted.object(c),
+                _ if wanted.whole => {
+                    bounded_value(node, MAX_READ_DEPTH.saturating_sub(depth)).ok_or_else(|| vec![key.to_string()])
+                }
+                Node::Container(c) if c.is_object() => wanted.object(c, depth + 1).map_err(|mut path| {
+                    path.push(key.to_string());
+                    path
+                }),
                 // A path through a non-object finds nothing.
                 _ => return,
             };
-            map.insert(key.to_string(), value);
+            match value {
+                Ok(value) => {
+                    map.insert(key.to_string(), value);
+                }
+                Err(path) => {
+                    too_deep.get_or_insert(path);
+                }
+            }
         };
         if container.len() <= 4 * self.children.len() + 8 {
             // A record of about the fields wanted: one merge pass over its pairs
@@ -440,7 +505,10 @@ impl Projection {
                 }
             }
         }
-        Value::Object(map)
+        match too_deep {
+            Some(path) => Err(path),
+            None => Ok(Value::Object(map)),
+        }
     }
 }
 

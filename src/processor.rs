@@ -46,6 +46,8 @@ pub struct Input {
     pub record: Value,
     /// The whole record as stored (binary jsonb), when `record` is a projection.
     pub stored: Option<Vec<u8>>,
+    /// Why the record could not be read for processing (it is rejected).
+    pub unreadable: Option<Rejection>,
 }
 
 impl Input {
@@ -54,16 +56,44 @@ impl Input {
             usage_id: None,
             record,
             stored: None,
+            unreadable: None,
         }
     }
 
-    /// The whole record, as received: what a rejection keeps.
-    pub fn whole_record(&self) -> Value {
+    /// A record in its binary form (a jsonb datum's bytes): the fields
+    /// `projection` names are read, and the bytes kept for a rejection. A field
+    /// read that nests too deep rejects the record instead of failing the run.
+    pub fn projected(usage_id: Option<i64>, stored: Vec<u8>, projection: &crate::jsonb::Projection) -> Input {
+        let read = crate::jsonb::Container::from_varlena(&stored).map(|root| projection.apply(root));
+        let (record, unreadable) = match read {
+            Some(Ok(record)) => (record, None),
+            Some(Err(field)) => (
+                Value::Null,
+                Some(Rejection::TooDeep {
+                    field,
+                    limit: crate::jsonb::MAX_READ_DEPTH,
+                }),
+            ),
+            None => (Value::Null, None),
+        };
+        Input {
+            usage_id,
+            record,
+            stored: Some(stored),
+            unreadable,
+        }
+    }
+
+    /// The record as received, as a jsonb datum in the current memory context
+    /// (valid while `self` is): what a rejection keeps. Stored bytes are handed over
+    /// as they are, never rebuilt through `serde_json`, so a record nested as deep
+    /// as PostgreSQL's parser allowed is kept as intact as a shallow one.
+    fn whole_record_datum(&self) -> pg_sys::Datum {
         match &self.stored {
-            Some(bytes) => crate::jsonb::Container::from_varlena(bytes).map_or(Value::Null, |c| {
-                crate::jsonb::to_value(crate::jsonb::Node::Container(c))
-            }),
-            None => self.record.clone(),
+            Some(bytes) => pg_sys::Datum::from(bytes.as_ptr()),
+            None => pgrx::JsonB(self.record.clone())
+                .into_datum()
+                .expect("a jsonb value is a datum"),
         }
     }
 }
@@ -249,7 +279,10 @@ impl<'s> Processor<'s> {
         let fields = &self.stream.fields;
         let extracted: Vec<std::result::Result<Extracted, Rejection>> = inputs
             .iter()
-            .map(|input| extract(&input.record, fields, &self.clock))
+            .map(|input| match &input.unreadable {
+                Some(rejection) => Err(rejection.clone()),
+                None => extract(&input.record, fields, &self.clock),
+            })
             .collect();
         let users: Vec<String> = extracted
             .iter()
@@ -389,17 +422,7 @@ impl<'s> Processor<'s> {
             if !self.keep_meters || self.audit.len() > MAX_KEPT_AUDIT {
                 self.write_audit()?;
             }
-            let rejected: Vec<(Value, &Outcome)> = inputs
-                .iter()
-                .zip(&outcomes)
-                .filter(|(_, o)| matches!(o, Outcome::Rejected { .. }))
-                .map(|(i, o)| (i.whole_record(), o))
-                .collect();
-            insert_rejected(
-                &self.stream.name,
-                self.session_id,
-                rejected.iter().map(|(r, o)| (r, *o)),
-            )?;
+            insert_rejected(&self.stream.name, self.session_id, inputs.iter().zip(&outcomes))?;
         }
         Ok(outcomes)
     }
@@ -1019,31 +1042,33 @@ impl MeterRows {
 }
 
 /// Stores rejected records, intact, with their reason and the rule evaluated last.
-pub fn insert_rejected<'a>(
+pub fn insert_rejected<'a, 's: 'a>(
     stream: &str,
     session_id: Option<i64>,
-    items: impl Iterator<Item = (&'a Value, &'a Outcome<'a>)>,
+    items: impl Iterator<Item = (&'a Input, &'a Outcome<'s>)>,
 ) -> Result<()> {
     let (mut records, mut codes, mut reasons, mut rules) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (record, outcome) in items {
+    for (input, outcome) in items {
         if let Outcome::Rejected { code, reason, rule } = outcome {
-            records.push(record.to_string());
-            codes.push(code.to_string());
-            reasons.push(reason.clone());
-            rules.push(rule.clone());
+            records.push(Some(input.whole_record_datum()));
+            codes.push(*code);
+            reasons.push(reason.as_str());
+            rules.push(rule.as_deref());
         }
     }
     if records.is_empty() {
         return Ok(());
     }
+    let records = sql::ElementType::of(pg_sys::JSONBOID).array_of(records, &mut sql::ArrayBuffers::default());
     sql::execute(
         "INSERT INTO meter.rejected (stream, session_id, record, code, reason, rule)
-         SELECT $1, $2, r.record::jsonb, r.code, r.reason, r.rule
-           FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) AS r(record, code, reason, rule)",
+         SELECT $1, $2, r.record, r.code, r.reason, r.rule
+           FROM unnest($3::jsonb[], $4::text[], $5::text[], $6::text[]) AS r(record, code, reason, rule)",
         &[
             stream.into(),
             session_id.into(),
-            records.into(),
+            // SAFETY: a jsonb array, built just now in the current memory context.
+            unsafe { DatumWithOid::new(records, pg_sys::JSONBARRAYOID) },
             codes.into(),
             reasons.into(),
             rules.into(),

@@ -89,8 +89,8 @@ fn meter(stream: &Stream, session_id: i64, now: Timestamp, batch: Option<&Batch>
         after = inbox::last_id(&waiting, after);
         meter_chunk(&waiting)?;
     }
-    for records in batch.into_iter().flat_map(|b| b.chunks(gucs::chunk_len())) {
-        meter_chunk(&records.into_iter().map(Input::new).collect::<Vec<_>>())?;
+    for inputs in batch.into_iter().flat_map(|b| b.inputs(gucs::chunk_len(), &projection)) {
+        meter_chunk(&inputs)?;
     }
     sessions::count_concurrently(session_id, counts, flushed)?;
     Ok(counts)

@@ -144,6 +144,11 @@ pub enum Rejection {
     },
     NoRuleMatched,
     NoRules,
+    /// A field the stream reads nests deeper than `jsonb::MAX_READ_DEPTH` levels.
+    TooDeep {
+        field: String,
+        limit: usize,
+    },
 }
 
 impl Rejection {
@@ -164,6 +169,7 @@ impl Rejection {
             Rejection::MeterClosed { .. } => "meter_closed",
             Rejection::NoRuleMatched => "no_rule_matched",
             Rejection::NoRules => "no_rules",
+            Rejection::TooDeep { .. } => "too_deep",
         }
     }
 }
@@ -212,6 +218,9 @@ impl fmt::Display for Rejection {
             ),
             Rejection::NoRuleMatched => write!(f, "no guiding rule matched the record"),
             Rejection::NoRules => write!(f, "the stream has no guiding rules"),
+            Rejection::TooDeep { field, limit } => {
+                write!(f, "field \"{field}\" nests deeper than {limit} levels of arrays and objects")
+            }
         }
     }
 }

@@ -130,7 +130,7 @@ mod tests {
                     .unwrap()
                     .0;
                 let bytes = unsafe { jsonb::datum_bytes(row) };
-                projection.apply(Container::from_varlena(&bytes).unwrap())
+                projection.apply(Container::from_varlena(&bytes).unwrap()).unwrap()
             });
             assert_eq!(
                 projected,

@@ -282,6 +282,104 @@ mod tests {
         assert_eq!(sql_i64("SELECT count(*) FROM meter.usage_audit"), 0);
     }
 
+    /// A record nested as deep as PostgreSQL's parser allows, in a field no rule
+    /// reads, is metered or rejected like any other, and a rejection keeps it
+    /// intact. Nested too deep in a field the stream reads, it is rejected
+    /// (`too_deep`, naming the field). Neither fails the run or the call: one
+    /// such record used to fail every run of its stream.
+    #[pg_test]
+    fn deeply_nested_records_are_metered_or_rejected_and_never_fail_a_run() {
+        run("SELECT meter.create_meter_type('calls', 'sum')");
+        let rules = r#"[{"name": "calls", "meter_type": "calls", "conditions": [{"field": "kind", "op": "eq", "value": "call"}],
+                         "carry_last": ["plan"]}]"#;
+        run(&format!(
+            "SELECT meter.create_stream('batch', '{rules}', auto_create_meters => true)"
+        ));
+        run(&format!(
+            "SELECT meter.create_stream('rt', '{rules}', auto_create_meters => true, mode => 'realtime')"
+        ));
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        // Built by PostgreSQL: serde_json's parser stops at 128 levels.
+        let record = |fields: String| format!("'{{\"userId\": \"u\", {fields}}}'::jsonb");
+        let deep = nested(5000);
+        let records = [
+            (record(format!(r#""kind": "call", "value": 1, "x": {deep}"#)), None),
+            (
+                record(format!(r#""kind": "other", "value": 1, "x": {deep}"#)),
+                Some("no_rule_matched"),
+            ),
+            // The record and its plan make 64 levels: the most a read field may reach.
+            (
+                record(format!(r#""kind": "call", "value": 2, "plan": {}"#, nested(63))),
+                None,
+            ),
+            (
+                record(format!(r#""kind": "call", "value": 4, "plan": {}"#, nested(64))),
+                Some("too_deep"),
+            ),
+            (format!("'{{\"userId\": {}}}'::jsonb", nested(70)), Some("too_deep")),
+        ];
+        let array = format!(
+            "jsonb_build_array({})",
+            records.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>().join(", ")
+        );
+        let ingest = |stream: &str| {
+            let row = Spi::get_three::<i64, i64, i64>(&format!(
+                "SELECT accepted, duplicates, rejected FROM meter.ingest('{stream}', {array})"
+            ))
+            .unwrap();
+            (row.0.unwrap(), row.1.unwrap(), row.2.unwrap())
+        };
+        // A batch stream checks the user id at ingest; the rest is rejected by the run.
+        assert_eq!(ingest("batch"), (4, 0, 1));
+        assert_eq!(
+            process("batch"),
+            Counts {
+                metered: 2,
+                duplicates: 0,
+                rejected: 2
+            }
+        );
+        assert_eq!(ingest("rt"), (2, 0, 3));
+        for stream in ["batch", "rt"] {
+            assert_eq!(
+                sql_text(&format!(
+                    "SELECT m.value::text FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id
+                      WHERE s.name = '{stream}' AND m.user_id = 'u'"
+                ))
+                .as_deref(),
+                Some("3"),
+                "{stream}"
+            );
+            assert_eq!(
+                sql_i64(&format!(
+                    "SELECT jsonb_array_length(m.carry_last -> 'plan') FROM meter.meters m
+                       JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = '{stream}'"
+                )),
+                1,
+                "{stream}: the deepest plan allowed is carried"
+            );
+            for (record, code) in &records {
+                let stored = sql_text(&format!(
+                    "SELECT min(code) FROM meter.rejected WHERE stream = '{stream}' AND record = {record}"
+                ));
+                assert_eq!(stored.as_deref(), *code, "{stream}: {}", &record[..60]);
+            }
+            assert_eq!(
+                sql_text(&format!(
+                    "SELECT string_agg(reason, '; ' ORDER BY reason) FROM meter.rejected
+                      WHERE stream = '{stream}' AND code = 'too_deep'"
+                ))
+                .as_deref(),
+                Some(
+                    "field \"plan\" nests deeper than 64 levels of arrays and objects; \
+                     field \"userId\" nests deeper than 64 levels of arrays and objects"
+                ),
+                "{stream}"
+            );
+        }
+    }
+
     #[pg_test]
     fn a_closed_meter_rejects_late_records() {
         run("SELECT meter.create_meter_type('calls', 'sum')");

@@ -110,7 +110,12 @@ fn record(rng: &mut Rng, depth: usize) -> Value {
 /// record at all; sometimes not even JSON.
 fn payload(rng: &mut Rng) -> String {
     match rng.below(12) {
-        0 => "[".repeat(5000) + &"]".repeat(5000),
+        // A deep array (not a record), then a record with a deep field no rule
+        // reads, which its run rejects (a sum of text) and must store intact.
+        0 => {
+            let deep = "[".repeat(5000) + &"]".repeat(5000);
+            format!(r#"[{deep}, {{"userId": "deep", "value": "many", "region": "eu", "x": {deep}}}]"#)
+        }
         1 => json!({"userId": "big", "value": 1, "blob": "x".repeat(1 << 20)}).to_string(),
         2 => "{\"userId\": \"u\", \"value\": 1".to_string(),
         3 => "{\"userId\": \"\\ud800\", \"value\": 1}".to_string(),
