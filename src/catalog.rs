@@ -274,7 +274,7 @@ fn load_types(condition: &'static str, arg: pgrx::datum::DatumWithOid) -> Result
                 .parse()
                 .map_err(|e: crate::aggregate::UnknownAggregation| MeterError::InvalidParameter(e.to_string()))?,
             unit,
-            schedule: Schedule::parse(&schedule)?,
+            schedule: Schedule::parse_cached(&schedule)?,
             tz: parse_timezone(&timezone)?,
             timezone,
             active_from: active_from.and_then(to_timestamp),

@@ -499,37 +499,44 @@ impl<'s> Processor<'s> {
               WHERE stream_id = $1 AND user_id = ANY($2)
               ORDER BY id {lock}"
         );
-        let rows = Spi::connect_mut(|client| -> Result<Vec<(MeterKey, Slot)>> {
-            let mut rows = Vec::new();
-            for row in sql::run(client, &query, &[self.stream.id.into(), users.clone().into()])? {
-                let type_id = row.get::<i64>(2)?.unwrap();
-                if !type_ids.contains(&type_id) {
-                    continue;
+        // A generic plan: planned for this stream's id, a custom plan trusts the
+        // statistics about it, and for a stream that grew since the last ANALYZE
+        // (a realtime stream auto-creating meters) it read the stream's every
+        // meter on each call, filtering by user. The generic plan estimates a
+        // stream's share from the number of streams and looks the users up.
+        let rows = sql::with_generic_plans(|| {
+            Spi::connect_mut(|client| -> Result<Vec<(MeterKey, Slot)>> {
+                let mut rows = Vec::new();
+                for row in sql::run(client, &query, &[self.stream.id.into(), users.clone().into()])? {
+                    let type_id = row.get::<i64>(2)?.unwrap();
+                    if !type_ids.contains(&type_id) {
+                        continue;
+                    }
+                    let stored = StoredState {
+                        aggregation: row.get::<String>(4)?.unwrap(),
+                        value: row.get::<String>(5)?,
+                        groups: row.get::<String>(6)?.unwrap(),
+                        carry_first: row.get::<String>(7)?.unwrap(),
+                        carry_last: row.get::<String>(8)?.unwrap(),
+                        aggregation_state: row.get::<String>(9)?,
+                        first_record_at: row.get::<TimestampWithTimeZone>(10)?.and_then(to_timestamp),
+                        last_record_at: row.get::<TimestampWithTimeZone>(11)?.and_then(to_timestamp),
+                        record_count: row.get::<i64>(12)?.unwrap(),
+                    };
+                    rows.push((
+                        (type_id, row.get::<String>(3)?.unwrap()),
+                        Slot {
+                            id: row.get::<i64>(1)?.unwrap(),
+                            state: stored.into_state(),
+                            period_start: row.get::<TimestampWithTimeZone>(13)?.and_then(to_timestamp).unwrap(),
+                            closed: row.get::<bool>(14)?.unwrap(),
+                            dirty: false,
+                            new: false,
+                        },
+                    ));
                 }
-                let stored = StoredState {
-                    aggregation: row.get::<String>(4)?.unwrap(),
-                    value: row.get::<String>(5)?,
-                    groups: row.get::<String>(6)?.unwrap(),
-                    carry_first: row.get::<String>(7)?.unwrap(),
-                    carry_last: row.get::<String>(8)?.unwrap(),
-                    aggregation_state: row.get::<String>(9)?,
-                    first_record_at: row.get::<TimestampWithTimeZone>(10)?.and_then(to_timestamp),
-                    last_record_at: row.get::<TimestampWithTimeZone>(11)?.and_then(to_timestamp),
-                    record_count: row.get::<i64>(12)?.unwrap(),
-                };
-                rows.push((
-                    (type_id, row.get::<String>(3)?.unwrap()),
-                    Slot {
-                        id: row.get::<i64>(1)?.unwrap(),
-                        state: stored.into_state(),
-                        period_start: row.get::<TimestampWithTimeZone>(13)?.and_then(to_timestamp).unwrap(),
-                        closed: row.get::<bool>(14)?.unwrap(),
-                        dirty: false,
-                        new: false,
-                    },
-                ));
-            }
-            Ok(rows)
+                Ok(rows)
+            })
         })?;
         for (key, slot) in rows {
             self.meters.entry(key).or_insert(slot);

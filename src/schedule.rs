@@ -56,7 +56,32 @@ pub struct Schedule {
 /// fires within 28 years (the Gregorian weekday/leap cycle).
 const SEARCH_HORIZON_DAYS: i64 = 366 * 29;
 
+/// Schedules a backend parsed before, by expression: a parse takes about as long
+/// as a whole realtime `ingest` call's other work, and every call loads its meter
+/// types. Bounded: emptied when it holds `MAX_CACHED_SCHEDULES`.
+const MAX_CACHED_SCHEDULES: usize = 1024;
+
+thread_local! {
+    static PARSED: std::cell::RefCell<std::collections::HashMap<String, Schedule>> = Default::default();
+}
+
 impl Schedule {
+    /// `parse`, remembered per expression (parsing is a pure function of it).
+    pub fn parse_cached(expr: &str) -> Result<Schedule, ScheduleError> {
+        if let Some(schedule) = PARSED.with(|parsed| parsed.borrow().get(expr).cloned()) {
+            return Ok(schedule);
+        }
+        let schedule = Schedule::parse(expr)?;
+        PARSED.with(|parsed| {
+            let mut parsed = parsed.borrow_mut();
+            if parsed.len() >= MAX_CACHED_SCHEDULES {
+                parsed.clear();
+            }
+            parsed.insert(expr.to_string(), schedule.clone());
+        });
+        Ok(schedule)
+    }
+
     /// Parses a 5-field cron expression or a preset (case-insensitive).
     pub fn parse(expr: &str) -> Result<Schedule, ScheduleError> {
         let trimmed = expr.trim();
@@ -226,6 +251,29 @@ mod tests {
 
     fn hours(a: Timestamp, b: Timestamp) -> i64 {
         b.duration_since(a).as_hours()
+    }
+
+    #[test]
+    fn a_cached_parse_is_the_parse() {
+        let zone = tz("Europe/Stockholm");
+        let after = utc("2026-03-29T00:30:00Z");
+        for _ in 0..2 {
+            for expr in ["@monthly", "*/15 9-17 * * mon-fri", "@never", "0 0 1 1 *"] {
+                let cached = Schedule::parse_cached(expr).unwrap();
+                assert_eq!(
+                    cached.next_after(&zone, after),
+                    next(expr, "Europe/Stockholm", "2026-03-29T00:30:00Z"),
+                    "{expr}"
+                );
+                assert_eq!(cached.is_never(), expr == "@never");
+            }
+            // Errors are not remembered as schedules.
+            assert!(Schedule::parse_cached("61 * * * *").is_err());
+            assert_eq!(
+                Schedule::parse_cached("@fortnightly").unwrap_err(),
+                ScheduleError::UnknownPreset("@fortnightly".into())
+            );
+        }
     }
 
     #[test]
