@@ -11,7 +11,7 @@ use crate::errors::{MeterError, Result};
 use crate::gucs;
 use crate::jsonb::{self, Container, Node, Projection};
 use crate::processor::Input;
-use crate::record::{extract, Clock, Rejection};
+use crate::record::{extract, Clock};
 use crate::sql;
 
 /// `ingest`'s answer.
@@ -121,13 +121,7 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
             // Rejected as not an object; stored from the argument, intact.
             other => Ok(jsonb::shallow_value(other)),
         };
-        let outcome = match &record {
-            Ok(record) => extract(record, fields, &clock).map(|extracted| extracted.record_id),
-            Err(field) => Err(Rejection::TooDeep {
-                field: field.clone(),
-                limit: jsonb::MAX_READ_DEPTH,
-            }),
-        };
+        let outcome = record.and_then(|record| extract(&record, fields, &clock).map(|extracted| extracted.record_id));
         match outcome {
             Ok(record_id) => {
                 queued += 1;

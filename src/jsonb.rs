@@ -8,7 +8,7 @@
 use pgrx::pg_sys;
 use serde_json::{Map, Number, Value};
 
-use crate::record::FieldPath;
+use crate::record::{FieldPath, Rejection};
 
 const JB_CMASK: u32 = 0x0FFF_FFFF;
 const JB_FSCALAR: u32 = 0x1000_0000;
@@ -327,31 +327,6 @@ pub(crate) fn numeric_out_text(varlena: &[u8]) -> Option<String> {
     }
 }
 
-/// A node as a serde value (whole subtree). Each level checks PostgreSQL's stack
-/// depth limit: jsonb nests as deep as its parser allowed, and a recursion that
-/// ran past the stack would take the backend down instead of raising an error.
-pub fn to_value(node: Node) -> Value {
-    if matches!(node, Node::Container(_)) {
-        // SAFETY: raises an ordinary ERROR (54001), which pgrx turns into an unwind.
-        unsafe { pg_sys::check_stack_depth() };
-    }
-    match node {
-        Node::Null => Value::Null,
-        Node::Bool(b) => Value::Bool(b),
-        Node::String(bytes) => Value::String(String::from_utf8_lossy(bytes).into_owned()),
-        Node::Number(varlena) => numeric_text(varlena)
-            .and_then(|text| text.parse::<Number>().ok())
-            .map_or(Value::Null, Value::Number),
-        Node::Container(c) if c.is_scalar() => c.elements().next().map_or(Value::Null, to_value),
-        Node::Container(c) if c.is_object() => Value::Object(
-            c.pairs()
-                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), to_value(v)))
-                .collect::<Map<_, _>>(),
-        ),
-        Node::Container(c) => Value::Array(c.elements().map(to_value).collect()),
-    }
-}
-
 /// How many levels of arrays and objects a record may nest along the fields its
 /// stream reads (the record itself is the first). Deeper, the record is rejected
 /// (`too_deep`): PostgreSQL parses jsonb as deep as its stack allows, and reading
@@ -359,26 +334,46 @@ pub fn to_value(node: Node) -> Value {
 /// the one record. Fields nobody reads may nest as deep as PostgreSQL allows.
 pub const MAX_READ_DEPTH: usize = 64;
 
-/// `to_value`, unless the node nests more than `levels` arrays and objects.
-fn bounded_value(node: Node, levels: usize) -> Option<Value> {
-    match node {
-        Node::Container(c) if c.is_scalar() => c
-            .elements()
-            .next()
-            .map_or(Some(Value::Null), |n| bounded_value(n, levels)),
-        Node::Container(_) if levels == 0 => None,
-        Node::Container(c) if c.is_object() => c
-            .pairs()
-            .map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), bounded_value(v, levels - 1)?)))
-            .collect::<Option<Map<_, _>>>()
-            .map(Value::Object),
-        Node::Container(c) => c
-            .elements()
-            .map(|v| bounded_value(v, levels - 1))
-            .collect::<Option<Vec<_>>>()
-            .map(Value::Array),
-        scalar => Some(to_value(scalar)),
+/// A node as a serde value (whole subtree), however deep. Past PostgreSQL's
+/// stack depth limit, an ERROR (54001).
+pub fn to_value(node: Node) -> Value {
+    value_within(node, usize::MAX).unwrap_or(Value::Null)
+}
+
+/// A node as a serde value (whole subtree), or `None` if it nests more than
+/// `levels` arrays and objects. Each level checks PostgreSQL's stack depth limit:
+/// jsonb nests as deep as its parser allowed, and a recursion that ran past the
+/// stack would take the backend down instead of raising an error.
+fn value_within(node: Node, levels: usize) -> Option<Value> {
+    if matches!(node, Node::Container(_)) {
+        // SAFETY: raises an ordinary ERROR (54001), which pgrx turns into an unwind.
+        unsafe { pg_sys::check_stack_depth() };
     }
+    Some(match node {
+        Node::Null => Value::Null,
+        Node::Bool(b) => Value::Bool(b),
+        Node::String(bytes) => Value::String(String::from_utf8_lossy(bytes).into_owned()),
+        Node::Number(varlena) => numeric_text(varlena)
+            .and_then(|text| text.parse::<Number>().ok())
+            .map_or(Value::Null, Value::Number),
+        Node::Container(c) if c.is_scalar() => {
+            return c
+                .elements()
+                .next()
+                .map_or(Some(Value::Null), |n| value_within(n, levels));
+        }
+        Node::Container(_) if levels == 0 => return None,
+        Node::Container(c) if c.is_object() => Value::Object(
+            c.pairs()
+                .map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), value_within(v, levels - 1)?)))
+                .collect::<Option<Map<_, _>>>()?,
+        ),
+        Node::Container(c) => Value::Array(
+            c.elements()
+                .map(|v| value_within(v, levels - 1))
+                .collect::<Option<Vec<_>>>()?,
+        ),
+    })
 }
 
 /// A node reduced to its kind, containers left empty: enough to reject a record
@@ -437,15 +432,18 @@ impl Projection {
     /// The record reduced to the projected paths, shaped as the record is, so
     /// `FieldPath::get` finds every projected field as in the full record. A root
     /// that is not an object is reduced to its kind (it is rejected as such; the
-    /// rejection keeps the stored record). `Err` names the first projected field
-    /// that nests deeper than `MAX_READ_DEPTH`.
-    pub fn apply(&self, root: Container) -> Result<Value, String> {
+    /// rejection keeps the stored record). A projected field that nests deeper
+    /// than `MAX_READ_DEPTH` rejects the record (`too_deep`, naming the field).
+    pub fn apply(&self, root: Container) -> Result<Value, Rejection> {
         if !root.is_object() {
             return Ok(shallow_value(Node::Container(root)));
         }
         self.object(root, 1).map_err(|mut path| {
             path.reverse();
-            path.join(".")
+            Rejection::TooDeep {
+                field: path.join("."),
+                limit: MAX_READ_DEPTH,
+            }
         })
     }
 
@@ -457,7 +455,7 @@ impl Projection {
         let mut take = |key: &str, wanted: &Projection, node: Node| {
             let value = match node {
                 _ if wanted.whole => {
-                    bounded_value(node, MAX_READ_DEPTH.saturating_sub(depth)).ok_or_else(|| vec![key.to_string()])
+                    value_within(node, MAX_READ_DEPTH.saturating_sub(depth)).ok_or_else(|| vec![key.to_string()])
                 }
                 Node::Container(c) if c.is_object() => wanted.object(c, depth + 1).map_err(|mut path| {
                     path.push(key.to_string());

@@ -67,13 +67,7 @@ impl Input {
         let read = crate::jsonb::Container::from_varlena(&stored).map(|root| projection.apply(root));
         let (record, unreadable) = match read {
             Some(Ok(record)) => (record, None),
-            Some(Err(field)) => (
-                Value::Null,
-                Some(Rejection::TooDeep {
-                    field,
-                    limit: crate::jsonb::MAX_READ_DEPTH,
-                }),
-            ),
+            Some(Err(rejection)) => (Value::Null, Some(rejection)),
             None => (Value::Null, None),
         };
         Input {
@@ -698,21 +692,13 @@ impl<'s> Processor<'s> {
         })?
         .into_iter()
         .collect();
-        let (new, ids) = if known.is_empty() {
-            (claiming.to_vec(), ids)
-        } else {
-            let new: Vec<&Taken> = claiming
-                .iter()
-                .copied()
-                .filter(|t| t.record_id.is_some_and(|id| !known.contains(id)))
-                .collect();
-            let ids = text_ids(&new, &mut buffers);
-            (new, ids)
-        };
-        if !new.is_empty() {
+        let insert_new = |new: &[&Taken], ids: pg_sys::Datum| -> Result<()> {
+            if new.is_empty() {
+                return Ok(());
+            }
             let meters = sql::ElementType::of(pg_sys::INT8OID).array_of(
                 new.iter().map(|t| self.claimed_meter(t).map(pg_sys::Datum::from)),
-                &mut buffers,
+                &mut sql::ArrayBuffers::default(),
             );
             sql::execute(
                 "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at, meter_id)
@@ -724,16 +710,18 @@ impl<'s> Processor<'s> {
                     unsafe { DatumWithOid::new(meters, pg_sys::INT8ARRAYOID) },
                 ],
             )?;
-        }
+            Ok(())
+        };
         if known.is_empty() {
+            // The usual case: every id is new, and the probe's array serves again.
+            insert_new(claiming, ids)?;
             return Ok(known);
         }
-        // Ids seen before: those past the retention count again.
-        let seen: Vec<&Taken> = claiming
+        let (seen, new): (Vec<&Taken>, Vec<&Taken>) = claiming
             .iter()
-            .copied()
-            .filter(|t| t.record_id.is_some_and(|id| known.contains(id)))
-            .collect();
+            .partition(|t| t.record_id.is_some_and(|id| known.contains(id)));
+        insert_new(&new, text_ids(&new, &mut buffers))?;
+        // Ids seen before: those past the retention count again.
         let renewed: HashSet<String> = self.upsert_record_ids(&seen, now, forget_before)?.into_iter().collect();
         Ok(known.into_iter().filter(|id| !renewed.contains(id)).collect())
     }
