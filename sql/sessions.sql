@@ -98,7 +98,7 @@ SELECT st.id AS stream_id,
        last.run_type,
        last.started_at,
        last.ended_at,
-       (SELECT count(*) FROM meter.usage u WHERE u.stream = st.name) AS pending
+       (SELECT coalesce(sum(u.records), 0) FROM meter.usage u WHERE u.stream = st.name) AS pending
   FROM meter.streams st
   LEFT JOIN LATERAL (
        SELECT s.* FROM meter.sessions s WHERE s.stream_id = st.id ORDER BY s.id DESC LIMIT 1) last ON true;
@@ -144,4 +144,4 @@ SELECT s.id AS session_id,
          FROM meter.session_counters k WHERE k.session_id = s.id) c
   CROSS JOIN LATERAL (
        SELECT CASE WHEN s.status IN ('INITIALIZING', 'RUNNING', 'PAUSED', 'TESTING')
-                   THEN (SELECT count(*) FROM meter.usage u WHERE u.stream = st.name) ELSE 0 END AS pending) p;
+                   THEN (SELECT coalesce(sum(u.records), 0) FROM meter.usage u WHERE u.stream = st.name) ELSE 0 END AS pending) p;

@@ -427,7 +427,7 @@ pub fn create_stream(mut spec: StreamSpec) -> Result<i64> {
     // other streams and running streams go on (CREATE TABLE ... PARTITION OF would
     // wait for them, and make everyone else wait behind it).
     let ddl = sql::one::<String>(
-        "SELECT pg_catalog.format('CREATE TABLE meter.%1$I (LIKE meter.usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+        "SELECT pg_catalog.format('CREATE TABLE meter.%1$I (LIKE meter.usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING COMPRESSION);
                                    ALTER TABLE meter.usage ATTACH PARTITION meter.%1$I FOR VALUES IN (%2$L)', $1, $2)",
         &[inbox_partition(id).into(), spec.name.as_str().into()],
     )?
@@ -514,7 +514,11 @@ pub fn drop_stream(name: &str, cascade: bool) -> Result<()> {
     let Some(id) = stream_id(name)? else {
         return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
     };
-    let pending = sql::one::<i64>("SELECT count(*) FROM meter.usage WHERE stream = $1", &[name.into()])?.unwrap_or(0);
+    let pending = sql::one::<i64>(
+        "SELECT coalesce(sum(records), 0) FROM meter.usage WHERE stream = $1",
+        &[name.into()],
+    )?
+    .unwrap_or(0);
     let meters = sql::one::<i64>("SELECT count(*) FROM meter.meters WHERE stream_id = $1", &[id.into()])?.unwrap_or(0);
     if (pending > 0 || meters > 0) && !cascade {
         return Err(MeterError::InUse(format!(

@@ -73,15 +73,24 @@ impl<'a> Batch<'a> {
     /// least 1): the fields `projection` names, as a run reads them from the inbox,
     /// and the record as received (binary), which a rejection keeps intact.
     pub fn inputs<'p>(&'p self, size: usize, projection: &'p Projection) -> impl Iterator<Item = Vec<Input>> + 'p {
-        let mut inputs = self.elements().map(|node| match node {
-            Node::Container(c) if !c.is_scalar() => Input::projected(None, c.to_varlena(), projection),
-            scalar => Input::new(jsonb::to_value(scalar)),
-        });
+        let mut inputs = self.elements().map(|node| element_input(None, node, projection));
         std::iter::from_fn(move || {
             let chunk: Vec<Input> = inputs.by_ref().take(size.max(1)).collect();
             (!chunk.is_empty()).then_some(chunk)
         })
     }
+}
+
+/// One record of an array (an `ingest` argument or an inbox row) as the processor
+/// takes it: an object is read through `projection` and kept in its binary form;
+/// anything else is rejected by the rules as not an object.
+fn element_input(usage_id: Option<i64>, node: Node, projection: &Projection) -> Input {
+    let mut input = match node {
+        Node::Container(c) if !c.is_scalar() => Input::projected(None, c.to_varlena(), projection),
+        scalar => Input::new(jsonb::to_value(scalar)),
+    };
+    input.usage_id = usage_id;
+    input
 }
 
 /// `meter.ingest`: a realtime stream meters the records now (see `realtime`); a
@@ -93,6 +102,10 @@ pub fn ingest(stream: &Stream, batch: &Batch) -> Result<Ingested> {
         StreamMode::Batch => queue(stream, batch),
     }
 }
+
+/// At most this many records share an inbox row: a run reads a row's records at
+/// once, so larger arrays are queued as several rows.
+const RECORDS_PER_ROW: usize = 1000;
 
 /// The elements of `$2` (the batch) with their positions, whether it is an object
 /// or an array.
@@ -139,16 +152,24 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
         }
     }
     // Checked a chunk of ids at a time, each chunk's arguments freed after it: a
-    // single query with every id of a large array costs far more memory.
+    // single query with every id of a large array costs far more memory. Each id
+    // is one lookup in the (stream_id, record_id) index, by a generic plan: the
+    // planner's estimate for a custom one priced reading the stream's every key
+    // below a thousand lookups, which for a stream with months of ids is ruinous
+    // (and planning took a third of the check). Sorted in the index's order ("C"),
+    // the ids need no sorting by PostgreSQL.
     let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
-    let ids: Vec<String> = ids_in_batch.into_iter().collect();
+    let mut ids: Vec<String> = ids_in_batch.into_iter().collect();
+    ids.sort_unstable();
     let mut already_metered = 0;
     for chunk in ids.chunks(gucs::chunk_len()) {
         already_metered += sql::in_chunk_context(|| {
-            sql::one::<i64>(
-                "SELECT count(*) FROM meter.dedupe_keys WHERE stream_id = $1 AND record_id = ANY($2) AND seen_at >= $3",
-                &[stream.id.into(), chunk.to_vec().into(), forget_before.into()],
-            )
+            sql::with_generic_plans(|| {
+                sql::one::<i64>(
+                    "SELECT count(*) FROM meter.dedupe_keys WHERE stream_id = $1 AND record_id = ANY($2) AND seen_at >= $3",
+                    &[stream.id.into(), chunk.to_vec().into(), forget_before.into()],
+                )
+            })
         })?
         .unwrap_or(0);
     }
@@ -172,12 +193,25 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
                 ],
             )?;
         }
-        if queued > 0 {
+        if queued > 0 && rejected_at.is_empty() && queued as usize <= RECORDS_PER_ROW {
+            // The usual call: the argument as it is, one inbox row.
+            sql::execute(
+                "INSERT INTO meter.usage (stream, record) VALUES ($1, $2)",
+                &[stream.name.as_str().into(), raw().into()],
+            )?;
+        } else if queued > 0 {
             sql::execute(
                 &format!(
-                    "INSERT INTO meter.usage (stream, record) SELECT $1, e.record FROM {ELEMENTS} WHERE e.n <> ALL ($3)"
+                    "INSERT INTO meter.usage (stream, record)
+                     SELECT $1, jsonb_agg(e.record ORDER BY e.n) FROM {ELEMENTS} WHERE e.n <> ALL ($3)
+                      GROUP BY (e.n - 1) / $4 ORDER BY (e.n - 1) / $4"
                 ),
-                &[stream.name.as_str().into(), raw().into(), rejected_at.into()],
+                &[
+                    stream.name.as_str().into(),
+                    raw().into(),
+                    rejected_at.into(),
+                    (RECORDS_PER_ROW as i64).into(),
+                ],
             )?;
         }
         Ok(())
@@ -190,53 +224,160 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     })
 }
 
+/// A chunk of pending records, in arrival order, and the inbox position the next
+/// chunk starts after.
+pub struct Chunk {
+    pub inputs: Vec<Input>,
+    pub after: i64,
+}
+
 /// Takes the next chunk of a stream's pending records out of the inbox, oldest
-/// first, keeping only the fields `projection` names (see `jsonb`). The rows are
-/// deleted in the caller's transaction: if it rolls back, they are pending again.
-/// Only ids after `after` (the last id the caller took) are read: the index
+/// first, keeping only the fields `projection` names (see `jsonb`): `limit` records,
+/// fewer at the end. The rows are deleted in the caller's transaction: if it rolls
+/// back, they are pending again. A row whose records reach past `limit` is split:
+/// the rest of its batch goes back under the same id, first in line.
+///
+/// Only ids after `after` (where the caller's last chunk ended) are read: the index
 /// entries of rows taken earlier in the same transaction are still there, and
 /// skipping them keeps every chunk's read short. A row that commits late with a
 /// smaller id is taken by the next run.
-pub fn take_chunk(stream: &str, after: i64, limit: i64, projection: &Projection) -> Result<Vec<Input>> {
-    read_chunk(
-        "WITH next AS (SELECT id FROM meter.usage WHERE stream = $1 AND id > $3 ORDER BY id LIMIT $2)
-         DELETE FROM meter.usage u WHERE u.stream = $1 AND u.id > $3 AND u.id <= (SELECT max(id) FROM next)
-         RETURNING u.id, u.record",
-        &[stream.into(), limit.into(), after.into()],
-        projection,
-    )
-}
-
-/// The last inbox id of a chunk (or `after` for an empty one).
-pub fn last_id(chunk: &[Input], after: i64) -> i64 {
-    chunk.iter().filter_map(|i| i.usage_id).max().unwrap_or(after)
-}
-
-/// Reads pending records after `after_id` without taking them (DEBUG runs).
-pub fn peek_chunk(stream: &str, after_id: i64, limit: i64, projection: &Projection) -> Result<Vec<Input>> {
-    read_chunk(
-        "SELECT id, record FROM meter.usage WHERE stream = $1 AND id > $3 ORDER BY id LIMIT $2",
-        &[stream.into(), limit.into(), after_id.into()],
-        projection,
-    )
-}
-
-fn read_chunk(query: &str, args: &[pgrx::datum::DatumWithOid], projection: &Projection) -> Result<Vec<Input>> {
-    let mut inputs = Spi::connect_mut(|client| -> Result<Vec<Input>> {
-        let rows = sql::run(client, query, args)?;
-        let mut inputs = Vec::with_capacity(rows.len());
-        for row in rows {
-            let Some(datum) = row.get::<jsonb::RawJsonb>(2)? else {
-                continue;
-            };
-            // SAFETY: column 2 is a non-null jsonb.
-            let stored = unsafe { jsonb::datum_bytes(datum.0) };
-            inputs.push(Input::projected(row.get::<i64>(1)?, stored, projection));
+pub fn take_chunk(stream: &str, after: i64, limit: i64, projection: &Projection) -> Result<Chunk> {
+    let Some(upto) = rows_for(stream, after, limit)? else {
+        return Ok(Chunk {
+            inputs: Vec::new(),
+            after,
+        });
+    };
+    let mut rows = Vec::new();
+    sql::for_each_row(
+        "DELETE FROM meter.usage u WHERE u.stream = $1 AND u.id > $2 AND u.id <= $3
+         RETURNING u.id, u.record, u.received_at",
+        &[stream.into(), after.into(), upto.into()],
+        |values, _| {
+            // SAFETY: the columns are a non-null bigint, jsonb and timestamptz.
+            let row = unsafe { (values[0].value() as i64, jsonb::datum_bytes(values[1]), values[2]) };
+            rows.push(row);
+            Ok(())
+        },
+    )?;
+    rows.sort_by_key(|row| row.0);
+    let mut inputs = Vec::new();
+    let mut next = upto;
+    for (id, stored, received_at) in rows {
+        let room = (limit as usize).saturating_sub(inputs.len());
+        if let Some((batch, taken)) = row_inputs(id, stored, projection, room, &mut inputs) {
+            put_back(stream, id, batch, taken, received_at)?;
+            next = next.min(id - 1);
         }
-        Ok(inputs)
+    }
+    Ok(Chunk { inputs, after: next })
+}
+
+/// Reads the next chunk of pending records without taking them (DEBUG runs):
+/// whole rows, so a chunk may run past `limit` by the rest of its last batch.
+pub fn peek_chunk(stream: &str, after: i64, limit: i64, projection: &Projection) -> Result<Chunk> {
+    let Some(upto) = rows_for(stream, after, limit)? else {
+        return Ok(Chunk {
+            inputs: Vec::new(),
+            after,
+        });
+    };
+    let mut inputs = Vec::new();
+    sql::for_each_row(
+        "SELECT id, record FROM meter.usage WHERE stream = $1 AND id > $2 AND id <= $3 ORDER BY id",
+        &[stream.into(), after.into(), upto.into()],
+        |values, _| {
+            // SAFETY: the columns are a non-null bigint and jsonb.
+            let (id, stored) = unsafe { (values[0].value() as i64, jsonb::datum_bytes(values[1])) };
+            let _whole = row_inputs(id, stored, projection, usize::MAX, &mut inputs);
+            Ok(())
+        },
+    )?;
+    Ok(Chunk { inputs, after: upto })
+}
+
+/// The id of the last inbox row after `after` that the next `limit` records need,
+/// or `None` when nothing is pending. Rows are looked up a few at a time, as many
+/// as the records per row seen so far suggest: a row may hold one record or a
+/// thousand, and reading far ahead of the chunk would cost more than the chunk.
+fn rows_for(stream: &str, after: i64, limit: i64) -> Result<Option<i64>> {
+    let (mut last, mut rows, mut records) = (None, 0i64, 0i64);
+    let mut fetch = limit.min(16);
+    loop {
+        let mut fetched = 0;
+        let mut enough = false;
+        sql::for_each_row(
+            "SELECT id, record FROM meter.usage WHERE stream = $1 AND id > $2 ORDER BY id LIMIT $3",
+            &[stream.into(), last.unwrap_or(after).into(), fetch.into()],
+            |values, _| {
+                if !enough {
+                    last = Some(values[0].value() as i64);
+                    // SAFETY: a non-null jsonb column.
+                    records += unsafe { jsonb::records_in(values[1]) } as i64;
+                    rows += 1;
+                    enough = records >= limit;
+                }
+                fetched += 1;
+                Ok(())
+            },
+        )?;
+        if enough || fetched < fetch {
+            return Ok(last);
+        }
+        let per_row = (records / rows).max(1);
+        fetch = ((limit - records) / per_row + 1).min(limit);
+    }
+}
+
+/// Appends an inbox row's records to `inputs`: the row's object, or the elements
+/// of its batch, in order. Takes at most `room` of them; returns the rest of the
+/// batch's elements (from the first not taken) and how many there are, when some
+/// are left.
+fn row_inputs(
+    id: i64,
+    stored: Vec<u8>,
+    projection: &Projection,
+    room: usize,
+    inputs: &mut Vec<Input>,
+) -> Option<(Vec<u8>, usize)> {
+    let count = match Container::from_varlena(&stored).filter(|root| !root.is_object() && !root.is_scalar()) {
+        Some(batch) => {
+            inputs.extend(
+                batch
+                    .elements()
+                    .take(room)
+                    .map(|node| element_input(Some(id), node, projection)),
+            );
+            batch.len()
+        }
+        None => {
+            inputs.push(Input::projected(Some(id), stored, projection));
+            return None;
+        }
+    };
+    (count > room).then_some((stored, room))
+}
+
+/// Puts the records of a split batch from the `taken`-th on back in the inbox,
+/// under the row's id and arrival time, to be taken first by the next chunk.
+fn put_back(stream: &str, id: i64, stored: Vec<u8>, taken: usize, received_at: pg_sys::Datum) -> Result<()> {
+    // SAFETY: a non-null timestamptz of the row just deleted.
+    let received_at = unsafe { pgrx::datum::TimestampWithTimeZone::from_datum(received_at, false) };
+    sql::with_generic_plans(|| {
+        sql::execute(
+            "INSERT INTO meter.usage (id, stream, record, received_at)
+             SELECT $1, $2, jsonb_agg(e.record ORDER BY e.n), $5
+               FROM jsonb_array_elements($3) WITH ORDINALITY AS e(record, n) WHERE e.n > $4",
+            &[
+                id.into(),
+                stream.into(),
+                jsonb::RawJsonb(pg_sys::Datum::from(stored.as_ptr())).into(),
+                (taken as i64).into(),
+                received_at.into(),
+            ],
+        )
     })?;
-    inputs.sort_by_key(|i| i.usage_id);
-    Ok(inputs)
+    Ok(())
 }
 
 pub fn has_pending(stream: &str) -> Result<bool> {

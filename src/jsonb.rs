@@ -555,6 +555,24 @@ pub unsafe fn datum_bytes(datum: pg_sys::Datum) -> Vec<u8> {
     bytes
 }
 
+/// How many usage records an inbox row's jsonb holds: an array's length, or 1 for
+/// anything else (what the generated column `meter.usage.records` says, which a
+/// database not yet updated from 0.1.0 lacks). Only the first bytes are detoasted:
+/// a batch row is compressed and stored out of line, and its header is enough.
+///
+/// # Safety
+/// `datum` must be a valid, non-null jsonb datum.
+pub unsafe fn records_in(datum: pg_sys::Datum) -> usize {
+    let slice = pg_sys::pg_detoast_datum_slice(datum.cast_mut_ptr::<pg_sys::varlena>(), 0, 4);
+    let bytes = std::slice::from_raw_parts(slice as *const u8, varsize(slice));
+    let count = match Container::from_varlena(bytes) {
+        Some(root) if !root.is_object() && !root.is_scalar() => root.len(),
+        _ => 1,
+    };
+    pg_sys::pfree(slice.cast());
+    count
+}
+
 /// A jsonb datum's bytes (detoasted) where they are: in the datum itself, or in
 /// the detoasted copy PostgreSQL makes in the current memory context.
 ///

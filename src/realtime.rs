@@ -86,11 +86,11 @@ fn meter(stream: &Stream, session_id: i64, now: Timestamp, batch: Option<&Batch>
         let waiting = sql::in_chunk_context(|| {
             sql::with_generic_plans(|| inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection))
         })?;
-        if waiting.is_empty() {
+        if waiting.inputs.is_empty() {
             break;
         }
-        after = inbox::last_id(&waiting, after);
-        meter_chunk(&waiting)?;
+        after = waiting.after;
+        meter_chunk(&waiting.inputs)?;
     }
     for inputs in batch.into_iter().flat_map(|b| b.inputs(gucs::chunk_len(), &projection)) {
         meter_chunk(&inputs)?;

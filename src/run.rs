@@ -167,14 +167,14 @@ fn step_from(id: i64, flushed_to: &mut Position) -> Result<Step> {
         }
         (Status::Running, _) => {
             let chunk = inbox::take_chunk(&stream.name, session.inbox_position, limit, &stream.projection())?;
-            if chunk.is_empty() {
+            if chunk.inputs.is_empty() {
                 start_closing(id)?;
                 return Ok(Step::More);
             }
             let mut processor = Processor::new(&stream, Mode::Apply, Some(id), session.as_of)?.holding_stream()?;
-            let counts = Counts::of(&processor.process(&chunk)?);
+            let counts = Counts::of(&processor.process(&chunk.inputs)?);
             sessions::count(id, counts, 0)?;
-            sessions::set_inbox_position(id, inbox::last_id(&chunk, session.inbox_position))?;
+            sessions::set_inbox_position(id, chunk.after)?;
             Ok(Step::More)
         }
         (Status::UsagePushing, _) => {
@@ -233,11 +233,11 @@ fn process_all(session: &Session) -> Result<()> {
     let mut after = session.inbox_position;
     loop {
         let chunk = sql::in_chunk_context(|| inbox::take_chunk(&stream.name, after, gucs::chunk_size(), &projection))?;
-        if chunk.is_empty() {
+        if chunk.inputs.is_empty() {
             break;
         }
-        after = inbox::last_id(&chunk, after);
-        let counts = sql::in_chunk_context(|| processor.process(&chunk))?;
+        after = chunk.after;
+        let counts = sql::in_chunk_context(|| processor.process(&chunk.inputs))?;
         sessions::count(session.id, Counts::of(&counts), 0)?;
     }
     // The meters and audit rows kept across chunks, written once.
@@ -277,9 +277,14 @@ fn debug(session: &Session, stream: &Stream) -> Result<Step> {
     let projection = stream.projection();
     let mut after = 0i64;
     loop {
-        let chunk = inbox::peek_chunk(&stream.name, after, limit, &projection)?;
-        let Some(last) = chunk.last() else { break };
-        after = last.usage_id.unwrap_or(after);
+        let inbox::Chunk {
+            inputs: chunk,
+            after: next,
+        } = inbox::peek_chunk(&stream.name, after, limit, &projection)?;
+        if chunk.is_empty() {
+            break;
+        }
+        after = next;
         let outcomes = processor.process(&chunk)?;
         for (input, outcome) in chunk.iter().zip(&outcomes) {
             match outcome {

@@ -2,6 +2,9 @@
 --   * meter.usage_report(stream, from_time, to_time): period-by-period totals.
 --   * meter_ext.notify_queue_limit (a setting, no schema).
 --   * meters_due also indexes the meter id: flushes take due meters in (period_end, id) order.
+--   * meter.usage rows may hold a batch (an array of records): meter.ingest queues
+--     each call as one row; the generated column `records` counts a row's records,
+--     and the record column is lz4-compressed. Pending counts sum it.
 -- tests/integration/upgrade.rs checks that an updated database has exactly the
 -- schema of a fresh 0.2.0 install.
 \echo Use "ALTER EXTENSION meter_ext UPDATE TO '0.2.0'" to load this file. \quit
@@ -51,3 +54,65 @@ COMMENT ON FUNCTION meter.usage_report(text, timestamptz, timestamptz) IS
     'Totals per period, user and meter type of a stream: flushed periods (from the outbox) and open ones.';
 REVOKE EXECUTE ON FUNCTION meter.usage_report(text, timestamptz, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION meter.usage_report(text, timestamptz, timestamptz) TO meter_reader;
+
+-- Inbox rows holding a batch of records (see sql/usage.sql).
+ALTER TABLE meter.usage ADD COLUMN records integer NOT NULL GENERATED ALWAYS AS (
+    CASE WHEN jsonb_typeof(record) = 'array' THEN jsonb_array_length(record) ELSE 1 END) STORED;
+-- SET COMPRESSION does not recurse: the streams' partitions are set one by one,
+-- as new ones are made (LIKE meter.usage INCLUDING COMPRESSION).
+DO $$
+DECLARE
+    inbox regclass;
+BEGIN
+    ALTER TABLE meter.usage ALTER COLUMN record SET COMPRESSION lz4;
+    FOR inbox IN SELECT inhrelid::regclass FROM pg_catalog.pg_inherits WHERE inhparent = 'meter.usage'::regclass LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE %s ALTER COLUMN record SET COMPRESSION lz4', inbox);
+    END LOOP;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;  -- a server built without lz4 keeps pglz
+END
+$$;
+COMMENT ON TABLE meter.usage IS
+    'Pending usage records per stream: a record (object) or a batch (array of objects) per row. INSERT/COPY (stream, record) works as well as meter.ingest.';
+
+-- Pending counts are records, not inbox rows.
+CREATE OR REPLACE VIEW meter.stream_status AS
+SELECT st.id AS stream_id,
+       st.name AS stream,
+       st.mode,
+       coalesce(last.status, 'NEVER_RUN') AS status,
+       last.id AS session_id,
+       last.run_type,
+       last.started_at,
+       last.ended_at,
+       (SELECT coalesce(sum(u.records), 0) FROM meter.usage u WHERE u.stream = st.name) AS pending
+  FROM meter.streams st
+  LEFT JOIN LATERAL (
+       SELECT s.* FROM meter.sessions s WHERE s.stream_id = st.id ORDER BY s.id DESC LIMIT 1) last ON true;
+
+CREATE OR REPLACE VIEW meter.session_progress AS
+SELECT s.id AS session_id,
+       st.name AS stream,
+       s.run_type,
+       s.status,
+       s.records_processed + c.processed AS done,
+       p.pending,
+       CASE WHEN s.records_processed + c.processed + p.pending = 0 THEN 100.0
+            ELSE round(100.0 * (s.records_processed + c.processed)
+                       / (s.records_processed + c.processed + p.pending), 1) END AS percent,
+       s.records_metered + c.metered AS metered,
+       s.records_duplicate + c.duplicates AS duplicates,
+       s.records_rejected + c.rejected AS rejected,
+       s.meters_flushed + c.flushed AS flushed,
+       s.started_at,
+       coalesce(s.ended_at, clock_timestamp()) - s.started_at AS elapsed
+  FROM meter.sessions s
+  JOIN meter.streams st ON st.id = s.stream_id
+  CROSS JOIN LATERAL (
+       SELECT coalesce(sum(k.records_processed), 0) AS processed, coalesce(sum(k.records_metered), 0) AS metered,
+              coalesce(sum(k.records_duplicate), 0) AS duplicates, coalesce(sum(k.records_rejected), 0) AS rejected,
+              coalesce(sum(k.meters_flushed), 0) AS flushed
+         FROM meter.session_counters k WHERE k.session_id = s.id) c
+  CROSS JOIN LATERAL (
+       SELECT CASE WHEN s.status IN ('INITIALIZING', 'RUNNING', 'PAUSED', 'TESTING')
+                   THEN (SELECT coalesce(sum(u.records), 0) FROM meter.usage u WHERE u.stream = st.name) ELSE 0 END AS pending) p;

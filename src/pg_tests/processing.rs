@@ -77,10 +77,10 @@ mod tests {
         // Every metered record has an audit row naming its rule.
         assert_eq!(
             sql_text(
-                "SELECT string_agg(rule || ':' || user_id || ':' || value, ',' ORDER BY usage_id) FROM meter.usage_audit"
+                "SELECT string_agg(rule || ':' || user_id || ':' || value, ',' ORDER BY value) FROM meter.usage_audit"
             )
             .as_deref(),
-            Some("all:acme:5,eu:globex:7,all:globex:1")
+            Some("all:globex:1,all:acme:5,eu:globex:7")
         );
         assert_eq!(sql_i64("SELECT count(*) FROM meter.usage"), 0);
     }
@@ -612,6 +612,85 @@ mod tests {
         assert_eq!(devices["groups"][0]["value"], json!(2)); // eu: d1, d2
         assert_eq!(devices["groups"][1]["value"], json!(1)); // us: d1
         assert_eq!(devices["meterMetaData"]["recordCount"], json!(4));
+    }
+
+    #[pg_test]
+    fn an_ingest_call_is_one_inbox_row_and_chunks_split_it_in_arrival_order() {
+        dedupe_stream();
+        let records = |from: i32, to: i32| {
+            json!((from..=to)
+                .map(|i| json!({"userId": "u", "id": format!("r{i}"), "value": i}))
+                .collect::<Vec<_>>())
+        };
+        assert_eq!(ingest("s", records(1, 5)), (5, 0, 0));
+        run(r#"INSERT INTO meter.usage (stream, record) VALUES ('s', '{"userId": "u", "id": "r6", "value": 6}')"#);
+        assert_eq!(ingest("s", records(7, 8)), (2, 0, 0));
+        assert_eq!(
+            sql_text("SELECT string_agg(records::text, ',' ORDER BY id) FROM meter.usage").as_deref(),
+            Some("5,1,2")
+        );
+        assert_eq!(sql_i64("SELECT pending FROM meter.stream_status"), 8);
+        // Chunks of two records: the five-record row is taken two, two and one at a
+        // time, the rest put back first in line each time.
+        run("SET LOCAL meter_ext.chunk_size = 2");
+        assert_eq!(process("s").metered, 8);
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage"), 0);
+        assert_eq!(value_of("u", "calls").as_deref(), Some("36"));
+        assert_eq!(
+            sql_text("SELECT string_agg(record_id, ',' ORDER BY batch_id, position) FROM meter.usage_audit").as_deref(),
+            Some("r1,r2,r3,r4,r5,r6,r7,r8")
+        );
+        // A batch's records share their inbox row's id.
+        assert_eq!(
+            sql_text(
+                "SELECT string_agg(n::text, ',' ORDER BY first) FROM (
+                   SELECT usage_id, count(*) AS n, min(batch_id * 1000000 + position) AS first
+                     FROM meter.usage_audit GROUP BY usage_id) u"
+            )
+            .as_deref(),
+            Some("5,1,2")
+        );
+    }
+
+    #[pg_test]
+    fn large_or_partly_rejected_calls_queue_rows_of_at_most_a_thousand() {
+        dedupe_stream();
+        let records: Vec<_> = (1..=2500)
+            .map(|i| match i {
+                1200 => json!({"value": i}),
+                _ => json!({"userId": format!("u{}", i % 3), "value": 1}),
+            })
+            .collect();
+        assert_eq!(ingest("s", json!(records)), (2499, 0, 1));
+        assert_eq!(
+            sql_text("SELECT string_agg(records::text, ',' ORDER BY id) FROM meter.usage").as_deref(),
+            Some("1000,999,500")
+        );
+        assert_eq!(
+            sql_text("SELECT code FROM meter.rejected").as_deref(),
+            Some("missing_user_id")
+        );
+        let partly = json!([{"userId": "u0", "value": 1}, {"value": 1}, {"userId": "u1", "value": 1}]);
+        assert_eq!(ingest("s", partly), (2, 0, 1));
+        assert_eq!(sql_i64("SELECT records FROM meter.usage ORDER BY id DESC LIMIT 1"), 2);
+        assert_eq!(process("s").metered, 2501);
+        assert_eq!(sql_i64("SELECT sum(value)::bigint FROM meter.meters"), 2501);
+    }
+
+    #[pg_test]
+    fn a_plain_insert_of_an_array_is_a_batch_of_records() {
+        dedupe_stream();
+        run(r#"INSERT INTO meter.usage (stream, record)
+               VALUES ('s', '[{"userId": "u", "value": 1}, 5, {"userId": "u", "value": 2}]'), ('s', '[]')"#);
+        assert_eq!(sql_i64("SELECT pending FROM meter.stream_status"), 3);
+        let counts = process("s");
+        assert_eq!((counts.metered, counts.rejected), (2, 1));
+        assert_eq!(value_of("u", "calls").as_deref(), Some("3"));
+        assert_eq!(
+            sql_text("SELECT code || ' ' || record::text FROM meter.rejected").as_deref(),
+            Some("not_an_object 5")
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.usage"), 0);
     }
 
     #[pg_test]

@@ -493,6 +493,9 @@ mod tests {
         ingest(
             json!([{"userId": "acme", "value": 1, "id": "a"}, {"userId": "acme", "value": 1, "id": "a"}, {"userId": "newbie", "value": 2}]),
         );
+        ingest(json!({"userId": "acme", "value": 1, "id": "a"}));
+        // Chunks of one record: a DEBUG run reads whole inbox rows (the first holds three).
+        run("SET LOCAL meter_ext.chunk_size = 1");
         let before = everything();
         let (status, report) = Spi::get_two::<String, pgrx::JsonB>(
             "SELECT status, report FROM meter.run_stream('s', run_type => 'DEBUG')",
@@ -509,7 +512,7 @@ mod tests {
                 report["metersDue"].clone(),
                 report["metersCreated"].clone()
             ),
-            (json!(3), json!(2), json!(1), json!(1), json!(1))
+            (json!(4), json!(2), json!(2), json!(1), json!(1))
         );
         assert_eq!(report["byRule"], json!({"all": 2}));
         let session = sql_i64("SELECT max(id) FROM meter.sessions");

@@ -41,6 +41,7 @@ fn schema_of(db: &mut Client) -> Vec<String> {
         SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
                || ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
                || ' collation=' || coalesce(nullif(a.attcollation, 0)::regcollation::text, '')
+               || ' compression=' || a.attcompression::text || ' generated=' || a.attgenerated::text
           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
          WHERE c.relnamespace = 'meter'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
@@ -101,6 +102,21 @@ fn data_made_at_the_first_release_survives_the_update() {
 
     let after = data_of(&mut db);
     assert_eq!(after, before);
+    // The stream's inbox partition, made at 0.1.0, is now like a new one: it counts
+    // its rows' records and compresses them as its parent does.
+    let partition: (i32, String) = db
+        .query_one(
+            "SELECT (SELECT sum(records)::int FROM meter.usage),
+                    string_agg(a.attname || '=' || a.attcompression::text || a.attgenerated::text, ' ' ORDER BY a.attname)
+               FROM pg_inherits i JOIN pg_attribute a ON a.attrelid = i.inhrelid
+              WHERE i.inhparent = 'meter.usage'::regclass AND a.attname IN ('record', 'records')
+                AND (a.attname, a.attcompression) IN (SELECT attname, attcompression FROM pg_attribute
+                                                       WHERE attrelid = 'meter.usage'::regclass)",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(partition, (1, "record=l records=s".to_string()));
 
     // The updated extension goes on working on the old data: the pending record is
     // metered, a duplicate of a pre-upgrade id still counts once, the audit agrees.
