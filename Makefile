@@ -60,12 +60,12 @@ examples-setup:
 	@scripts/examples-setup.sh
 
 # The benchmark (SPEC §11): every workload against a plain-SQL baseline in one run.
-bench: install
+bench: install examples-setup
 	@mkdir -p .bench
 	RESULTS=.bench/results.md bench/bench.sh
 
 # The benchmark at 20 000 records, asserting the same meters as the baseline.
-bench-check: install
+bench-check: install examples-setup
 	bench/bench.sh --check
 
 clean: stop

@@ -72,7 +72,14 @@ row() { # workload, ours (s), baseline (s), baseline name, records, target time 
 }
 
 # ---- batch processing ----------------------------------------------------------
-fill_inbox() { sql "INSERT INTO meter.usage (stream, record) SELECT 'bench', record FROM bench.records ORDER BY i" >/dev/null; vacuum meter.usage; }
+# The inbox as meter.ingest leaves it after calls of $INGEST_BATCH records: one row
+# per call. fill_inbox_single: a row per record, as plain INSERT / COPY of objects.
+fill_inbox() {
+    sql "INSERT INTO meter.usage (stream, record)
+         SELECT 'bench', jsonb_agg(record ORDER BY i) FROM bench.records GROUP BY (i - 1) / $INGEST_BATCH ORDER BY (i - 1) / $INGEST_BATCH" >/dev/null
+    vacuum meter.usage
+}
+fill_inbox_single() { sql "INSERT INTO meter.usage (stream, record) SELECT 'bench', record FROM bench.records ORDER BY i" >/dev/null; vacuum meter.usage; }
 reset_meters() {
     sql "UPDATE meter.meters SET value = CASE WHEN aggregation = 'max' THEN NULL ELSE 0 END, groups = '[]',
                carry_first = '{}', carry_last = '{}', record_count = 0, first_record_at = NULL, last_record_at = NULL;
@@ -86,7 +93,7 @@ reset_baseline() {
 }
 # Each side's best of $ROUNDS rounds: on a shared machine one run of either can be
 # 20% slower than the next.
-baseline="" ours_audit="" ours_plain=""
+baseline="" ours_audit="" ours_plain="" ours_single=""
 for round in $(seq "$ROUNDS"); do
     say "batch processing, round $round of $ROUNDS"
     [ "$round" = 1 ] || reset_baseline
@@ -131,6 +138,10 @@ for round in $(seq "$ROUNDS"); do
     t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
     ours_plain=$(least "$ours_plain" "$(elapsed "$t0" "$t1")")
     sql "SELECT meter.alter_stream('bench', audit => true)" >/dev/null
+    reset_meters
+    fill_inbox_single
+    t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
+    ours_single=$(least "$ours_single" "$(elapsed "$t0" "$t1")")
 done
 
 sql "TRUNCATE bench.seen" >/dev/null
@@ -140,22 +151,26 @@ trigger=$(awk -v s="$(elapsed "$t0" "$t1")" 'BEGIN { printf "%.3f", s * '"$RECOR
 row "batch run_stream, with audit" "$ours_audit" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
 row "batch run_stream, without audit" "$ours_plain" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
 row "batch run_stream, with audit" "$ours_audit" "$trigger" "per-row trigger (scaled)" "$RECORDS" 0.1
+row "  the same, a record per inbox row" "$ours_single" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
 
 # ---- ingest ----------------------------------------------------------------------
+# One client (bench/ingest.py, psycopg 3) sends the same records both ways: COPY
+# through the COPY protocol, and meter.ingest with each array bound as a parameter,
+# as applications call it. Each side keeps its best of $ROUNDS.
 say "ingest"
 ndjson="$dir/records.ndjson"
-ingest_sql="$dir/ingest.sql"
 sql "COPY (SELECT record FROM bench.records ORDER BY i) TO STDOUT" >"$ndjson"
-awk -v n="$INGEST_BATCH" '
-    (NR - 1) % n == 0 { printf "SELECT count(*) FROM meter.ingest('\''bench_ingest'\'', $j$[%s", $0; next }
-    { printf ",%s", $0 }
-    NR % n == 0 { print "]$j$);" }
-    END { if (NR % n != 0) print "]$j$);" }' "$ndjson" >"$ingest_sql"
-t0=$(now); "${PSQL[@]}" -d bench -c "\\copy bench.copy_target (record) FROM '$ndjson'" >/dev/null; t1=$(now)
-copy=$(elapsed "$t0" "$t1")
-t0=$(now); "${PSQL[@]}" -d bench -f "$ingest_sql" >/dev/null; t1=$(now)
-ingest=$(elapsed "$t0" "$t1")
-queued=$(sql "SELECT count(*) FROM meter.usage WHERE stream = 'bench_ingest'")
+copy="" ingest=""
+for round in $(seq "$ROUNDS"); do
+    sql "TRUNCATE bench.copy_target" >/dev/null
+    sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
+    vacuum "bench.copy_target, meter.usage"
+    copy=$(least "$copy" "$(bench/ingest.py "$port" "$ndjson" copy)")
+    read -r seconds accepted < <(bench/ingest.py "$port" "$ndjson" ingest bench_ingest "$INGEST_BATCH")
+    ingest=$(least "$ingest" "$seconds")
+    [ "$accepted" = "$RECORDS" ] || { echo "ingest accepted $accepted of $RECORDS records" >&2; exit 1; }
+done
+queued=$(sql "SELECT sum(records) FROM meter.usage WHERE stream = 'bench_ingest'")
 [ "$queued" = "$RECORDS" ] || { echo "ingest queued $queued of $RECORDS records" >&2; exit 1; }
 row "ingest, arrays of $INGEST_BATCH" "$ingest" "$copy" "COPY into a jsonb table" "$RECORDS" 1.25
 sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
@@ -210,7 +225,9 @@ if [ "$MEM_RECORDS" -gt 0 ]; then
     for chunk in 1000 ${MEM_CHUNK:-20000}; do
         say "peak memory of a $MEM_RECORDS-record run, chunk_size $chunk"
         sql "TRUNCATE meter.dedupe_keys, meter.usage_audit_batches" >/dev/null
-        sql "INSERT INTO meter.usage (stream, record) SELECT 'bench', record FROM bench.big" >/dev/null
+        sql "INSERT INTO meter.usage (stream, record)
+             SELECT 'bench', jsonb_agg(record ORDER BY n) FROM (SELECT row_number() OVER () AS n, record FROM bench.big) b
+              GROUP BY (n - 1) / $INGEST_BATCH ORDER BY (n - 1) / $INGEST_BATCH" >/dev/null
         vacuum meter.usage
         PGAPPNAME=meter_bench_memory "${PSQL[@]}" -d bench >/dev/null <<SQL &
 SET meter_ext.chunk_size = $chunk;
