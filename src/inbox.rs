@@ -1,17 +1,16 @@
 //! Getting usage records in (`ingest`, plain INSERT/COPY), reading them back in
 //! chunks for a run, and sending rejected records back.
 
-use std::collections::HashSet;
-
 use pgrx::prelude::*;
 
 use crate::catalog::{Stream, StreamMode};
 use crate::convert::{to_timestamptz, transaction_now};
+use crate::dedupe;
 use crate::errors::{MeterError, Result};
 use crate::gucs;
 use crate::jsonb::{self, Container, Node, Projection};
 use crate::processor::Input;
-use crate::record::{extract, Clock};
+use crate::record::{extract, Clock, FieldMap, FoundFields, Rejection};
 use crate::sql;
 
 /// `ingest`'s answer.
@@ -93,6 +92,37 @@ fn element_input(usage_id: Option<i64>, node: Node, projection: &Projection) -> 
     input
 }
 
+/// The record id of an object record that has every field a record needs, or why
+/// it will never be metered. Fields that are scalars (the usual record) are read
+/// in place; a record with an array or object at one of them is read through
+/// `projection`, which judges nesting as a run would.
+fn check_object(
+    object: Container,
+    fields: &FieldMap,
+    projection: &Projection,
+    clock: &Clock,
+) -> std::result::Result<Option<String>, Rejection> {
+    let scalars = (
+        jsonb::scalar_at(object, &fields.user_id),
+        jsonb::scalar_at(object, &fields.id),
+        jsonb::scalar_at(object, &fields.timestamp),
+    );
+    match scalars {
+        (Ok(user_id), Ok(id), Ok(timestamp)) => {
+            let found = FoundFields {
+                user_id: user_id.as_ref(),
+                id: id.as_ref(),
+                timestamp: timestamp.as_ref(),
+            };
+            found.check(fields, clock).map(|checked| checked.record_id)
+        }
+        _ => {
+            let record = projection.apply(object)?;
+            extract(&record, fields, clock).map(|extracted| extracted.record_id)
+        }
+    }
+}
+
 /// `meter.ingest`: a realtime stream meters the records now (see `realtime`); a
 /// batch stream checks what it can without rules and queues the rest in the inbox
 /// for its next run.
@@ -125,24 +155,19 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     };
     let fields = &stream.fields;
     let checked = Projection::of([&fields.user_id, &fields.timestamp, &fields.id]);
-    let mut ids_in_batch: HashSet<String> = HashSet::new();
-    let (mut queued, mut repeated) = (0i64, 0i64);
+    let mut ids: Vec<String> = Vec::new();
+    let mut queued = 0i64;
     let (mut rejected_at, mut codes, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
     for (index, node) in batch.elements().enumerate() {
-        let record = match node {
-            Node::Container(c) if c.is_object() && !c.is_scalar() => checked.apply(c),
+        let outcome = match node {
+            Node::Container(c) if c.is_object() && !c.is_scalar() => check_object(c, fields, &checked, &clock),
             // Rejected as not an object; stored from the argument, intact.
-            other => Ok(jsonb::shallow_value(other)),
+            other => extract(&jsonb::shallow_value(other), fields, &clock).map(|extracted| extracted.record_id),
         };
-        let outcome = record.and_then(|record| extract(&record, fields, &clock).map(|extracted| extracted.record_id));
         match outcome {
             Ok(record_id) => {
                 queued += 1;
-                if let Some(id) = record_id {
-                    if !ids_in_batch.insert(id) {
-                        repeated += 1;
-                    }
-                }
+                ids.extend(record_id);
             }
             Err(rejection) => {
                 rejected_at.push(index as i64 + 1);
@@ -151,28 +176,14 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
             }
         }
     }
-    // Checked a chunk of ids at a time, each chunk's arguments freed after it: a
-    // single query with every id of a large array costs far more memory. Each id
-    // is one lookup in the (stream_id, record_id) index, by a generic plan: the
-    // planner's estimate for a custom one priced reading the stream's every key
-    // below a thousand lookups, which for a stream with months of ids is ruinous
-    // (and planning took a third of the check). Sorted in the index's order ("C"),
-    // the ids need no sorting by PostgreSQL.
-    let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
-    let mut ids: Vec<String> = ids_in_batch.into_iter().collect();
+    // Sorted in the index's order ("C"), distinct: an id repeated within the call
+    // counts once.
     ids.sort_unstable();
-    let mut already_metered = 0;
-    for chunk in ids.chunks(gucs::chunk_len()) {
-        already_metered += sql::in_chunk_context(|| {
-            sql::with_generic_plans(|| {
-                sql::one::<i64>(
-                    "SELECT count(*) FROM meter.dedupe_keys WHERE stream_id = $1 AND record_id = ANY($2) AND seen_at >= $3",
-                    &[stream.id.into(), chunk.to_vec().into(), forget_before.into()],
-                )
-            })
-        })?
-        .unwrap_or(0);
-    }
+    let with_repeats = ids.len();
+    ids.dedup();
+    let repeated = (with_repeats - ids.len()) as i64;
+    let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
+    let already_metered = dedupe::count_metered(stream.id, &ids, forget_before, gucs::chunk_len())?;
     let rejected = rejected_at.len() as i64;
     // Generic plans: a custom plan would copy the whole argument into each plan.
     sql::with_generic_plans(|| -> Result<()> {

@@ -376,6 +376,33 @@ fn value_within(node: Node, levels: usize) -> Option<Value> {
     })
 }
 
+/// The scalar at `path` in an object, read in place: `Ok(None)` when the path
+/// finds nothing or null (as `FieldPath::get` does in the record read whole), and
+/// `Err(NotScalar)` when it ends at an array or object, which only reading the
+/// record through a `Projection` judges (too deep, say).
+pub fn scalar_at(object: Container, path: &FieldPath) -> Result<Option<Value>, NotScalar> {
+    let mut node = Node::Container(object);
+    for key in path.parts() {
+        node = match node {
+            Node::Container(c) if c.is_object() => match c.get(key) {
+                Some(found) => found,
+                None => return Ok(None),
+            },
+            // A path through a non-object finds nothing.
+            _ => return Ok(None),
+        };
+    }
+    match node {
+        Node::Null => Ok(None),
+        Node::Container(_) => Err(NotScalar),
+        scalar => Ok(Some(to_value(scalar))),
+    }
+}
+
+/// See `scalar_at`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotScalar;
+
 /// A node reduced to its kind, containers left empty: enough to reject a record
 /// that is not an object, without reading (or recursing into) what it holds.
 pub fn shallow_value(node: Node) -> Value {

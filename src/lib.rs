@@ -22,6 +22,7 @@ mod api;
 mod audit;
 mod catalog;
 mod convert;
+mod dedupe;
 mod errors;
 mod flush;
 mod flushed_record;

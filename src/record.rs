@@ -44,6 +44,11 @@ impl FieldPath {
         &self.text
     }
 
+    /// The keys from the record's root, in order.
+    pub fn parts(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().map(String::as_str)
+    }
+
     /// The value at this path; `None` when any segment is missing or not an object.
     /// JSON `null` counts as missing.
     pub fn get<'a>(&self, record: &'a Value) -> Option<&'a Value> {
@@ -297,40 +302,72 @@ pub fn extract<'a>(record: &'a Value, fields: &FieldMap, clock: &Clock) -> Resul
             found: json_kind(record),
         });
     }
-    let user_field = || fields.user_id.as_str().to_string();
-    let user_id = match fields.user_id.get(record) {
-        None => return Err(Rejection::MissingUserId { field: user_field() }),
-        Some(v) => id_text(v).map_err(|reason| Rejection::InvalidUserId {
-            field: user_field(),
-            reason,
-        })?,
+    let found = FoundFields {
+        user_id: fields.user_id.get(record),
+        id: fields.id.get(record),
+        timestamp: fields.timestamp.get(record),
     };
-    let record_id = match fields.id.get(record) {
-        None => None,
-        Some(v) => Some(id_text(v).map_err(|reason| Rejection::InvalidRecordId {
-            field: fields.id.as_str().to_string(),
-            reason,
-        })?),
-    };
-    let timestamp = match fields.timestamp.get(record) {
-        None => None,
-        Some(v) => Some(parse_timestamp(v).ok_or_else(|| Rejection::InvalidTimestamp {
-            field: fields.timestamp.as_str().to_string(),
-            found: describe(v),
-        })?),
-    };
-    if let Some(t) = timestamp {
-        let limit = clock.now.checked_add(clock.future_tolerance).unwrap_or(Timestamp::MAX);
-        if t > limit {
-            return Err(Rejection::FutureTimestamp { timestamp: t, limit });
-        }
-    }
+    let checked = found.check(fields, clock)?;
     Ok(Extracted {
-        user_id,
-        record_id,
-        timestamp,
+        user_id: checked.user_id,
+        record_id: checked.record_id,
+        timestamp: checked.timestamp,
         value: fields.value.get(record),
     })
+}
+
+/// What an object record holds at its user id, id and timestamp paths (`None`:
+/// missing or null), however it was read.
+pub struct FoundFields<'v> {
+    pub user_id: Option<&'v Value>,
+    pub id: Option<&'v Value>,
+    pub timestamp: Option<&'v Value>,
+}
+
+/// The fields every record needs, checked.
+pub struct CheckedFields {
+    pub user_id: String,
+    pub record_id: Option<String>,
+    pub timestamp: Option<Timestamp>,
+}
+
+impl FoundFields<'_> {
+    /// `extract`'s checks, in its order: user id, id, timestamp, not in the future.
+    pub fn check(&self, fields: &FieldMap, clock: &Clock) -> Result<CheckedFields, Rejection> {
+        let user_field = || fields.user_id.as_str().to_string();
+        let user_id = match self.user_id {
+            None => return Err(Rejection::MissingUserId { field: user_field() }),
+            Some(v) => id_text(v).map_err(|reason| Rejection::InvalidUserId {
+                field: user_field(),
+                reason,
+            })?,
+        };
+        let record_id = match self.id {
+            None => None,
+            Some(v) => Some(id_text(v).map_err(|reason| Rejection::InvalidRecordId {
+                field: fields.id.as_str().to_string(),
+                reason,
+            })?),
+        };
+        let timestamp = match self.timestamp {
+            None => None,
+            Some(v) => Some(parse_timestamp(v).ok_or_else(|| Rejection::InvalidTimestamp {
+                field: fields.timestamp.as_str().to_string(),
+                found: describe(v),
+            })?),
+        };
+        if let Some(t) = timestamp {
+            let limit = clock.now.checked_add(clock.future_tolerance).unwrap_or(Timestamp::MAX);
+            if t > limit {
+                return Err(Rejection::FutureTimestamp { timestamp: t, limit });
+            }
+        }
+        Ok(CheckedFields {
+            user_id,
+            record_id,
+            timestamp,
+        })
+    }
 }
 
 /// ISO-8601 text (with an offset, or UTC when it has none) or Unix milliseconds

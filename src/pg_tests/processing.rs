@@ -411,6 +411,70 @@ mod tests {
         );
     }
 
+    /// `ingest` reads the fields a record needs in place when they are scalars,
+    /// and through the stream's projection otherwise: either way it rejects what a
+    /// run over the same records (sent by plain INSERT) rejects, with the same
+    /// code and reason, and lets the rest through.
+    #[pg_test]
+    fn ingest_rejects_what_a_run_rejects_on_nested_paths() {
+        run("SELECT meter.create_meter_type('calls', 'sum')");
+        for stream in ["by_ingest", "by_insert"] {
+            run(&format!(
+                r#"SELECT meter.create_stream('{stream}', '[{{"name": "all", "meter_type": "calls"}}]',
+                     user_id_field => 'who.id', id_field => 'meta.id', timestamp_field => 'meta.at',
+                     auto_create_meters => true)"#
+            ));
+        }
+        let records = json!([
+            {"who": {"id": "u1"}, "meta": {"id": "a", "at": "2026-01-01T00:00:00Z"}, "value": 1},
+            {"who": {"id": 42}, "meta": {"id": 7, "at": 1767225600000u64}, "value": 1},
+            {"who": {"id": "u1"}, "meta": null, "value": 1},
+            {"who": {"id": "u1"}, "meta": "not an object", "value": 1},
+            {"who": {"id": "u1"}, "meta": {"id": null, "at": null}, "value": 1},
+            {"who": {"id": null}, "value": 1},
+            {"who": "u1", "value": 1},
+            {"who": {"id": {"nested": "object"}}, "value": 1},
+            {"who": {"id": ["a", "b"]}, "value": 1},
+            {"who": {"id": true}, "value": 1},
+            {"who": {"id": ""}, "value": 1},
+            {"who": {"id": "u1"}, "meta": {"id": {"x": 1}}, "value": 1},
+            {"who": {"id": "u1"}, "meta": {"at": "yesterday"}, "value": 1},
+            {"who": {"id": "u1"}, "meta": {"at": "2999-01-01T00:00:00Z"}, "value": 1},
+            {"who": {"id": "u1"}, "meta": {"at": {"iso": "2026-01-01"}}, "value": 1}
+        ]);
+        let (accepted, duplicates, rejected) = ingest("by_ingest", records.clone());
+        assert_eq!((accepted, duplicates), (5, 0));
+        assert_eq!(rejected, 10);
+        for record in records.as_array().unwrap() {
+            Spi::run_with_args(
+                "INSERT INTO meter.usage (stream, record) VALUES ('by_insert', $1)",
+                &[pgrx::JsonB(record.clone()).into()],
+            )
+            .unwrap();
+        }
+        assert_eq!(process("by_insert").rejected, 10);
+        // A future timestamp's reason names the limit: now (the call's, the run's) plus the tolerance.
+        let rejections = |stream: &str| {
+            sql_text(&format!(
+                "SELECT string_agg(record::text || ' ' || code || ': '
+                                   || CASE code WHEN 'future_timestamp' THEN '' ELSE reason END, E'\n' ORDER BY record::text)
+                   FROM meter.rejected WHERE stream = '{stream}'"
+            ))
+        };
+        let by_ingest = rejections("by_ingest");
+        assert_eq!(by_ingest, rejections("by_insert"));
+        let by_ingest = by_ingest.unwrap();
+        for code in [
+            "missing_user_id",
+            "invalid_user_id",
+            "invalid_record_id",
+            "invalid_timestamp",
+            "future_timestamp",
+        ] {
+            assert!(by_ingest.contains(code), "{code} in {by_ingest}");
+        }
+    }
+
     fn dedupe_stream() {
         run("SELECT meter.create_meter_type('calls', 'sum')");
         run(
@@ -447,13 +511,33 @@ mod tests {
             }
         );
         assert_eq!(value_of("u", "calls").as_deref(), Some("1"));
+        // Metered ids are looked up one by one only when one lies between the
+        // batch's smallest and largest id ("C" order): each case counts right.
+        let record = |id: &str| json!({"userId": "u", "id": id, "value": 1});
+        assert_eq!(ingest("s", json!([record("b"), record("c")])), (2, 0, 0), "above 'a'");
+        assert_eq!(ingest("s", json!([record("0"), record("B")])), (2, 0, 0), "below 'a'");
+        assert_eq!(ingest("s", json!([record("0"), record("b")])), (2, 0, 0), "around 'a'");
+        assert_eq!(
+            ingest("s", json!([record("0"), record("a"), record("z")])),
+            (2, 1, 0),
+            "'a' itself"
+        );
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 5,
+                duplicates: 4,
+                rejected: 0
+            }
+        );
+        assert_eq!(value_of("u", "calls").as_deref(), Some("6"));
         // Numbers and strings are the same id text.
         ingest(
             "s",
             json!([{"userId": "u", "id": 7, "value": 10}, {"userId": "u", "id": "7", "value": 10}]),
         );
         assert_eq!(process("s").duplicates, 1);
-        assert_eq!(value_of("u", "calls").as_deref(), Some("11"));
+        assert_eq!(value_of("u", "calls").as_deref(), Some("16"));
     }
 
     #[pg_test]
