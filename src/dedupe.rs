@@ -40,38 +40,36 @@ pub fn bounds<'a>(ids: impl IntoIterator<Item = &'a str>) -> Option<(&'a str, &'
     })
 }
 
-/// How many of `ids` (sorted, distinct) `stream_id` metered at or after
-/// `forget_before`. Checked a chunk of ids at a time, each chunk's arguments freed
-/// after it: a single query with every id of a large array costs far more memory.
-/// Each id is one lookup in the index (a subplan per id, which OFFSET 0 keeps
-/// one): with `= ANY(ids)` instead, the planner could price reading the stream's
-/// every key below a thousand lookups, which for a stream with months of ids is
-/// ruinous.
-pub fn count_metered(
+/// Which of `ids` (distinct) `stream_id` metered at or after `forget_before`.
+/// Checked a chunk of ids at a time, each chunk's arguments freed after it: a
+/// single query with every id of a large array costs far more memory. Each id is
+/// one lookup in the index (a subplan per id, which OFFSET 0 keeps one): with
+/// `= ANY(ids)` instead, the planner could price reading the stream's every key
+/// below a thousand lookups, which for a stream with months of ids is ruinous.
+pub fn metered_among(
     stream_id: i64,
     ids: &[String],
     forget_before: TimestampWithTimeZone,
     chunk_len: usize,
-) -> Result<i64> {
-    let mut metered = 0;
+) -> Result<Vec<String>> {
+    let mut metered = Vec::new();
     for chunk in ids.chunks(chunk_len.max(1)) {
-        let (Some(lowest), Some(highest)) = (chunk.first(), chunk.last()) else {
+        let Some((lowest, highest)) = bounds(chunk.iter().map(String::as_str)) else {
             continue;
         };
         if !any_between(stream_id, lowest, highest)? {
             continue;
         }
-        metered += sql::in_chunk_context(|| {
+        metered.extend(sql::in_chunk_context(|| {
             by_index(|| {
-                sql::one::<i64>(
-                    "SELECT count(*) FROM pg_catalog.unnest($2::text[]) AS c(id)
+                sql::strings(
+                    "SELECT c.id FROM pg_catalog.unnest($2::text[]) AS c(id)
                       WHERE EXISTS (SELECT FROM meter.dedupe_keys k
                                      WHERE k.stream_id = $1 AND k.record_id = c.id AND k.seen_at >= $3 OFFSET 0)",
                     &[stream_id.into(), chunk.to_vec().into(), forget_before.into()],
                 )
             })
-        })?
-        .unwrap_or(0);
+        })?);
     }
     Ok(metered)
 }

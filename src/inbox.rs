@@ -183,7 +183,7 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     ids.dedup();
     let repeated = (with_repeats - ids.len()) as i64;
     let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
-    let already_metered = dedupe::count_metered(stream.id, &ids, forget_before, gucs::chunk_len())?;
+    let already_metered = dedupe::metered_among(stream.id, &ids, forget_before, gucs::chunk_len())?.len() as i64;
     let rejected = rejected_at.len() as i64;
     // Generic plans: a custom plan would copy the whole argument into each plan.
     sql::with_generic_plans(|| -> Result<()> {

@@ -642,12 +642,10 @@ impl<'s> Processor<'s> {
                     .iter()
                     .filter_map(|t| t.record_id.map(str::to_string))
                     .collect();
-                let known: HashSet<String> = sql::strings(
-                    "SELECT record_id FROM meter.dedupe_keys WHERE stream_id = $1 AND record_id = ANY($2) AND seen_at >= $3",
-                    &[self.stream.id.into(), ids.clone().into(), forget_before.into()],
-                )?
-                .into_iter()
-                .collect();
+                let known: HashSet<String> =
+                    dedupe::metered_among(self.stream.id, &ids, forget_before, gucs::chunk_len())?
+                        .into_iter()
+                        .collect();
                 ids.into_iter()
                     .filter(|id| known.contains(id) || !self.simulated_claims.insert(id.clone()))
                     .collect()

@@ -526,6 +526,35 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_debug_run_counts_ids_metered_before_as_duplicates() {
+        daily("period_end");
+        ingest(json!({"userId": "acme", "value": 1, "id": "a"}));
+        assert_eq!(process("s").metered, 1);
+        // "0" and "b" lie around the metered "a": the ids are looked up one by one.
+        ingest(json!([
+            {"userId": "acme", "value": 1, "id": "0"},
+            {"userId": "acme", "value": 1, "id": "a"},
+            {"userId": "acme", "value": 1, "id": "b"}
+        ]));
+        let report = Spi::get_one::<pgrx::JsonB>("SELECT report FROM meter.run_stream('s', run_type => 'DEBUG')")
+            .unwrap()
+            .unwrap()
+            .0;
+        assert_eq!(
+            (report["metered"].clone(), report["duplicates"].clone()),
+            (json!(2), json!(1))
+        );
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 2,
+                duplicates: 1,
+                rejected: 0
+            }
+        );
+    }
+
+    #[pg_test]
     fn a_stale_working_session_is_failed_by_the_next_run() {
         daily("period_end");
         run(
