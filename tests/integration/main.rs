@@ -12,6 +12,7 @@ mod fuzz;
 mod install;
 mod limits;
 mod outbox;
+mod plans;
 mod readme;
 mod sessions;
 mod upgrade;
