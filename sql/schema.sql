@@ -102,6 +102,8 @@ CREATE TABLE meter.meters (
 -- Flushes take due meters in (period_end, id) order: a million meters of a monthly
 -- type share one period end, and the id keeps each chunk an index range, not a sort.
 CREATE INDEX meters_due ON meter.meters (stream_id, period_end, id) WHERE closed_at IS NULL;
-CREATE INDEX meters_type ON meter.meters (meter_type_id);
+-- No index on meter_type_id: only dropping a meter type looks meters up by it (a
+-- scan, for a rare admin call), while a flush's reset, never a HOT update (it moves
+-- period_end), would add an entry to it for every meter.
 COMMENT ON TABLE meter.meters IS
     'One meter per (stream, meter type, user): the value of the current period, its groups and carried fields.';
