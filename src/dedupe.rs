@@ -10,6 +10,7 @@
 
 use crate::errors::Result;
 use crate::sql;
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 
 /// Whether `stream_id` has any id in `lowest..=highest` (in the index's "C" order,
@@ -40,12 +41,10 @@ pub fn bounds<'a>(ids: impl IntoIterator<Item = &'a str>) -> Option<(&'a str, &'
     })
 }
 
-/// Which of `ids` (distinct) `stream_id` metered at or after `forget_before`.
-/// Checked a chunk of ids at a time, each chunk's arguments freed after it: a
-/// single query with every id of a large array costs far more memory. Each id is
-/// one lookup in the index (a subplan per id, which OFFSET 0 keeps one): with
-/// `= ANY(ids)` instead, the planner could price reading the stream's every key
-/// below a thousand lookups, which for a stream with months of ids is ruinous.
+/// Which of `ids` (distinct) `stream_id` metered at or after `forget_before`,
+/// checked a chunk of ids at a time (see `known_among`), each chunk's arguments
+/// freed after it: a single query with every id of a large array costs far more
+/// memory.
 pub fn metered_among(
     stream_id: i64,
     ids: &[String],
@@ -54,24 +53,40 @@ pub fn metered_among(
 ) -> Result<Vec<String>> {
     let mut metered = Vec::new();
     for chunk in ids.chunks(chunk_len.max(1)) {
-        let Some((lowest, highest)) = bounds(chunk.iter().map(String::as_str)) else {
-            continue;
-        };
-        if !any_between(stream_id, lowest, highest)? {
-            continue;
-        }
+        let range = bounds(chunk.iter().map(String::as_str));
         metered.extend(sql::in_chunk_context(|| {
-            by_index(|| {
-                sql::strings(
-                    "SELECT c.id FROM pg_catalog.unnest($2::text[]) AS c(id)
-                      WHERE EXISTS (SELECT FROM meter.dedupe_keys k
-                                     WHERE k.stream_id = $1 AND k.record_id = c.id AND k.seen_at >= $3 OFFSET 0)",
-                    &[stream_id.into(), chunk.to_vec().into(), forget_before.into()],
-                )
-            })
+            known_among(stream_id, range, chunk.to_vec().into(), forget_before)
         })?);
     }
     Ok(metered)
+}
+
+/// Which of `ids` (a text[] of distinct ids whose extremes are `range`)
+/// `stream_id` saw at or after `since`: nothing is looked up per id unless some id
+/// of the stream lies in `range` (`any_between`). Each id is then one lookup in the
+/// index (a subplan per id, which OFFSET 0 keeps one): with `= ANY(ids)` instead,
+/// the planner could price reading the stream's every key below a thousand
+/// lookups, which for a stream with months of ids is ruinous.
+pub fn known_among(
+    stream_id: i64,
+    range: Option<(&str, &str)>,
+    ids: DatumWithOid,
+    since: TimestampWithTimeZone,
+) -> Result<Vec<String>> {
+    let Some((lowest, highest)) = range else {
+        return Ok(Vec::new());
+    };
+    if !any_between(stream_id, lowest, highest)? {
+        return Ok(Vec::new());
+    }
+    by_index(|| {
+        sql::strings(
+            "SELECT c.id FROM pg_catalog.unnest($2::text[]) AS c(id)
+              WHERE EXISTS (SELECT FROM meter.dedupe_keys k
+                             WHERE k.stream_id = $1 AND k.record_id = c.id AND k.seen_at >= $3 OFFSET 0)",
+            &[stream_id.into(), ids, since.into()],
+        )
+    })
 }
 
 #[cfg(test)]

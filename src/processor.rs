@@ -664,11 +664,10 @@ impl<'s> Processor<'s> {
     /// conflict (if one did, the run would fail and roll back, losing nothing).
     /// Returns the ids seen before and still within the retention.
     ///
-    /// The probe runs only when some id of the stream lies within the chunk's ids'
-    /// range, and returns only the ids found, usually none; it is a subplan (OFFSET
-    /// 0 keeps it one) planned as an index lookup per id, whatever the planner
-    /// believes about the table's size. Probe and plain insert cost less than ON
-    /// CONFLICT's lookups, and returning every claimed id cost a string per record.
+    /// The probe (`dedupe::known_among`) looks ids up only when some id of the
+    /// stream lies within the chunk's range, and returns only the ids found,
+    /// usually none. Probe and plain insert cost less than ON CONFLICT's lookups,
+    /// and returning every claimed id cost a string per record.
     fn claim_holding_stream(
         &self,
         claiming: &[&Taken],
@@ -681,27 +680,16 @@ impl<'s> Processor<'s> {
                 .array_of(items.iter().map(|t| t.record_id.map(sql::text_datum)), buffers)
         };
         let ids = text_ids(claiming, &mut buffers);
-        // No id of the stream between the chunk's extremes: none of them is known,
-        // and one lookup showed it (see `dedupe`).
-        let may_know = match dedupe::bounds(claiming.iter().filter_map(|t| t.record_id)) {
-            Some((lowest, highest)) => dedupe::any_between(self.stream.id, lowest, highest)?,
-            None => false,
-        };
-        // SAFETY (each `DatumWithOid::new` below): the datums are arrays of the
-        // types named, built just now in the current memory context.
-        let known: HashSet<String> = if may_know {
-            sql::by_index_lookups(|| {
-                sql::strings(
-                    "SELECT c.id FROM unnest($2::text[]) AS c(id)
-                      WHERE EXISTS (SELECT FROM meter.dedupe_keys k WHERE k.stream_id = $1 AND k.record_id = c.id OFFSET 0)",
-                    &[self.stream.id.into(), unsafe { DatumWithOid::new(ids, pg_sys::TEXTARRAYOID) }],
-                )
-            })?
-            .into_iter()
-            .collect()
-        } else {
-            HashSet::default()
-        };
+        // Every id seen, expired ones included: those are claimed again by upsert.
+        let known: HashSet<String> = dedupe::known_among(
+            self.stream.id,
+            dedupe::bounds(claiming.iter().filter_map(|t| t.record_id)),
+            // SAFETY: a text[] built just now in the current memory context.
+            unsafe { DatumWithOid::new(ids, pg_sys::TEXTARRAYOID) },
+            TimestampWithTimeZone::negative_infinity(),
+        )?
+        .into_iter()
+        .collect();
         let insert_new = |new: &[&Taken], ids: pg_sys::Datum| -> Result<()> {
             if new.is_empty() {
                 return Ok(());
@@ -710,6 +698,8 @@ impl<'s> Processor<'s> {
                 new.iter().map(|t| self.claimed_meter(t).map(pg_sys::Datum::from)),
                 &mut sql::ArrayBuffers::default(),
             );
+            // SAFETY (both `DatumWithOid::new`): arrays of the types named, built in
+            // the current memory context.
             sql::execute(
                 "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at, meter_id)
                  SELECT $1, c.id, $3, c.meter FROM unnest($2::text[], $4::bigint[]) AS c(id, meter)",
