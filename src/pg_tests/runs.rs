@@ -40,6 +40,15 @@ mod tests {
         assert_eq!(planner_settings(), before);
     }
 
+    #[pg_test]
+    fn our_statements_are_never_jit_compiled() {
+        // JIT on for everything, as a session with `jit_above_cost = 0` has it.
+        Spi::run("SET LOCAL jit = on; SET LOCAL jit_above_cost = 0").unwrap();
+        let inside = crate::sql::strings("SELECT current_setting('jit')", &[]).unwrap();
+        assert_eq!(inside, ["off"]);
+        assert_eq!(sql_text("SELECT current_setting('jit')").as_deref(), Some("on"));
+    }
+
     /// A daily sum meter type, a stream that auto-creates meters, one meter.
     fn daily(flush_by: &str) -> i64 {
         run("SELECT meter.create_meter_type('calls', 'sum', '@daily', 'Europe/Stockholm', unit => 'calls')");
