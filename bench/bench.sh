@@ -227,7 +227,11 @@ fi
 # ---- memory of a run -----------------------------------------------------------------
 memory_rows=()
 if [ "$MEM_RECORDS" -gt 0 ]; then
-    sql "CREATE TABLE bench.big AS SELECT i, record FROM bench.records, generate_series(0, ($MEM_RECORDS - 1) / $RECORDS) k
+    # The records again and again, each copy with ids of its own: every record is
+    # new, as in a run over fresh usage.
+    sql "CREATE TABLE bench.big AS
+         SELECT i, CASE WHEN k = 0 THEN record ELSE record || jsonb_build_object('id', (record->>'id') || '.' || k) END AS record
+           FROM bench.records, generate_series(0, ($MEM_RECORDS - 1) / $RECORDS) k
           WHERE (k * $RECORDS + i) <= $MEM_RECORDS" >/dev/null
     for chunk in 1000 ${MEM_CHUNK:-20000}; do
         say "peak memory of a $MEM_RECORDS-record run, chunk_size $chunk"
