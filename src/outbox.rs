@@ -78,18 +78,30 @@ pub fn ack(name: &str, up_to: i64) -> Result<i64> {
 /// A session whose push completed: COMPLETED when the stream has no consumer;
 /// CONSUME_COMPLETED then COMPLETED once every consumer has acknowledged all its
 /// records; otherwise it waits in PUSH_COMPLETED.
+///
+/// "All its records" is asked as "none of them past the slowest consumer's
+/// acknowledgement", along the stream's outbox index from that point: what it
+/// reads is bounded by the records the consumers have yet to read. The session's
+/// last flush id (`max(id) WHERE session_id = …`) was found by walking the outbox
+/// back from its newest record, every stream's: for an old session that read the
+/// history flushed since, and for a session that flushed nothing, all of it.
 pub fn settle(session_id: i64) -> Result<()> {
-    let state = sql::one::<String>(
-        "SELECT CASE
-                    WHEN NOT EXISTS (SELECT FROM meter.consumers c WHERE c.stream_id = s.stream_id) THEN 'none'
-                    WHEN coalesce((SELECT max(f.id) FROM meter.flushed f WHERE f.session_id = s.id), 0)
-                         <= (SELECT min(c.acked_flush_id) FROM meter.consumers c WHERE c.stream_id = s.stream_id)
-                    THEN 'consumed'
-                    ELSE 'waiting'
-                END
-           FROM meter.sessions s WHERE s.id = $1 AND s.status = 'PUSH_COMPLETED'",
-        &[session_id.into()],
-    )?;
+    let state = sql::by_index_lookups(|| {
+        sql::one::<String>(
+            "SELECT CASE
+                        WHEN NOT EXISTS (SELECT FROM meter.consumers c WHERE c.stream_id = s.stream_id) THEN 'none'
+                        WHEN NOT EXISTS (
+                             SELECT FROM meter.flushed f
+                              WHERE f.stream_id = s.stream_id AND f.session_id = s.id
+                                AND f.id > (SELECT min(c.acked_flush_id) FROM meter.consumers c
+                                             WHERE c.stream_id = s.stream_id))
+                        THEN 'consumed'
+                        ELSE 'waiting'
+                    END
+               FROM meter.sessions s WHERE s.id = $1 AND s.status = 'PUSH_COMPLETED'",
+            &[session_id.into()],
+        )
+    })?;
     match state.as_deref() {
         Some("none") => {
             sessions::transition(session_id, Status::Completed, None)?;

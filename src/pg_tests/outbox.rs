@@ -90,6 +90,44 @@ mod tests {
         );
     }
 
+    /// Rows of `meter.flushed` read so far by this transaction.
+    fn outbox_rows_read() -> i64 {
+        sql_i64(
+            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+               FROM pg_stat_xact_user_tables WHERE relid = 'meter.flushed'::regclass",
+        )
+    }
+
+    #[pg_test]
+    fn settling_a_session_reads_only_what_consumers_have_not_acknowledged() {
+        let users: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
+        stream_with_expired_meters(&users.iter().map(String::as_str).collect::<Vec<_>>());
+        run("SELECT meter.register_consumer('billing', 's')");
+        process("s");
+        let flushed = last_session();
+        run("SELECT meter.ack_flushed('billing', (SELECT max(id) FROM meter.flushed))");
+        assert_eq!(status(flushed), "COMPLETED");
+
+        // The next run flushes nothing (the meters rolled over): settling it must not
+        // read the 300 acknowledged records, nor anything of the outbox.
+        let before = outbox_rows_read();
+        process("s");
+        assert_eq!(status(last_session()), "COMPLETED");
+        assert_eq!(outbox_rows_read() - before, 0);
+
+        // A waiting session is still told apart: one more record, not acknowledged.
+        run("UPDATE meter.meters SET period_end = now() - interval '1 second' WHERE user_id = 'u7'");
+        process("s");
+        let waiting = last_session();
+        assert_eq!(status(waiting), "PUSH_COMPLETED");
+        let ids = read("billing", 10);
+        assert_eq!(ids.len(), 1);
+        run(&format!("SELECT meter.ack_flushed('billing', {})", ids[0] - 1));
+        assert_eq!(status(waiting), "PUSH_COMPLETED");
+        run(&format!("SELECT meter.ack_flushed('billing', {})", ids[0]));
+        assert_eq!(status(waiting), "COMPLETED");
+    }
+
     #[pg_test]
     fn reading_repeats_until_acknowledged_and_acks_only_move_forward() {
         stream_with_expired_meters(&["a", "b", "c"]);
