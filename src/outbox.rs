@@ -79,22 +79,29 @@ pub fn ack(name: &str, up_to: i64) -> Result<i64> {
 /// CONSUME_COMPLETED then COMPLETED once every consumer has acknowledged all its
 /// records; otherwise it waits in PUSH_COMPLETED.
 ///
-/// "All its records" is asked as "none of them past the slowest consumer's
-/// acknowledgement", along the stream's outbox index from that point: what it
-/// reads is bounded by the records the consumers have yet to read. The session's
-/// last flush id (`max(id) WHERE session_id = …`) was found by walking the outbox
-/// back from its newest record, every stream's: for an old session that read the
-/// history flushed since, and for a session that flushed nothing, all of it.
+/// A session that flushed nothing (its counts say so) is consumed at once. For
+/// one that did, "all its records" is asked as "none of them past the slowest
+/// consumer's acknowledgement", along the stream's outbox index `(stream_id, id)`
+/// from that point to the stream's end: the row comparison starts the scan there
+/// (with `stream_id = …` instead, the scan started at the stream's first record),
+/// and fits that index only. What it reads is bounded by the stream's records the
+/// consumers have yet to read. The session's last flush id
+/// (`max(id) WHERE session_id = …`) was found by walking the whole outbox back
+/// from its newest record: for an old session that read every stream's history
+/// flushed since, and for a session that flushed nothing, all of it.
 pub fn settle(session_id: i64) -> Result<()> {
     let state = sql::by_index_lookups(|| {
         sql::one::<String>(
             "SELECT CASE
                         WHEN NOT EXISTS (SELECT FROM meter.consumers c WHERE c.stream_id = s.stream_id) THEN 'none'
+                        WHEN s.meters_flushed + (SELECT coalesce(sum(k.meters_flushed), 0)
+                                                   FROM meter.session_counters k WHERE k.session_id = s.id) = 0
+                        THEN 'consumed'
                         WHEN NOT EXISTS (
                              SELECT FROM meter.flushed f
-                              WHERE f.stream_id = s.stream_id AND f.session_id = s.id
-                                AND f.id > (SELECT min(c.acked_flush_id) FROM meter.consumers c
-                                             WHERE c.stream_id = s.stream_id))
+                              WHERE f.session_id = s.id AND f.stream_id <= s.stream_id
+                                AND (f.stream_id, f.id) > (s.stream_id, (SELECT min(c.acked_flush_id) FROM meter.consumers c
+                                                                          WHERE c.stream_id = s.stream_id)))
                         THEN 'consumed'
                         ELSE 'waiting'
                     END

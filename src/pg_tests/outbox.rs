@@ -124,8 +124,28 @@ mod tests {
         assert_eq!(ids.len(), 1);
         run(&format!("SELECT meter.ack_flushed('billing', {})", ids[0] - 1));
         assert_eq!(status(waiting), "PUSH_COMPLETED");
+
+        // Another stream flushes 300 records after it. Settling the waiting session
+        // on its acknowledgement reads this stream's records past the ack (none),
+        // not the other stream's.
+        run(
+            r#"SELECT meter.create_stream('t', '[{"name": "all", "meter_type": "calls"}]', auto_create_meters => true)"#,
+        );
+        for user in &users {
+            run(&format!("SELECT meter.create_meter('t', 'calls', '{user}')"));
+        }
+        run(
+            "UPDATE meter.meters m SET period_start = now() - interval '2 days', period_end = now() - interval '1 day'
+               FROM meter.streams st WHERE st.id = m.stream_id AND st.name = 't'",
+        );
+        process("t");
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.flushed"), 301 + 300);
+        let before = outbox_rows_read();
         run(&format!("SELECT meter.ack_flushed('billing', {})", ids[0]));
         assert_eq!(status(waiting), "COMPLETED");
+        // The ack itself reads the last flush id and counts the one record acknowledged.
+        let read = outbox_rows_read() - before;
+        assert!(read <= 3, "settling read {read} outbox rows");
     }
 
     #[pg_test]
