@@ -85,10 +85,9 @@ pub fn ack(name: &str, up_to: i64) -> Result<i64> {
 /// from that point to the stream's end: the row comparison starts the scan there
 /// (with `stream_id = …` instead, the scan started at the stream's first record),
 /// and fits that index only. What it reads is bounded by the stream's records the
-/// consumers have yet to read. The session's last flush id
-/// (`max(id) WHERE session_id = …`) was found by walking the whole outbox back
-/// from its newest record: for an old session that read every stream's history
-/// flushed since, and for a session that flushed nothing, all of it.
+/// consumers have yet to read, where the session's `max(id)` walked every
+/// stream's outbox back from its newest record (all of it, for a session that
+/// flushed nothing).
 pub fn settle(session_id: i64) -> Result<()> {
     let state = sql::by_index_lookups(|| {
         sql::one::<String>(
