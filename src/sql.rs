@@ -91,8 +91,8 @@ pub fn by_index_lookups<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// Runs `query` (read-write) from its cached plan, or planned afresh inside
-/// `with_fresh_plans`.
+/// Runs `query` (read-write): from its cached plan, or planned afresh inside
+/// `with_fresh_plans` (`plan_and_run`).
 ///
 /// Never JIT-compiled: each statement here handles one chunk, and a plan whose
 /// estimate passes `jit_above_cost` (the record-id probe's, with 10 000 index
@@ -104,10 +104,14 @@ pub fn run<'conn>(
     args: &[DatumWithOid],
 ) -> SpiResult<SpiTupleTable<'conn>> {
     // SAFETY: a GUC variable of this backend, used by this thread only.
-    unsafe { with_global(&raw mut pg_sys::jit_enabled, false, || run_cached(client, query, args)) }
+    unsafe {
+        with_global(&raw mut pg_sys::jit_enabled, false, || {
+            plan_and_run(client, query, args)
+        })
+    }
 }
 
-fn run_cached<'conn>(
+fn plan_and_run<'conn>(
     client: &mut SpiClient<'conn>,
     query: &str,
     args: &[DatumWithOid],
