@@ -205,13 +205,11 @@ fn select(stream_id: i64, scope: Scope, limit: i64, after: Position) -> Result<V
         .period_end
         .map_or_else(TimestampWithTimeZone::negative_infinity, to_timestamptz);
     let (query, args): (String, Vec<pgrx::datum::DatumWithOid>) = match scope {
-        Scope::Due { as_of, users } => (
+        Scope::Due { as_of, users: None } => (
             format!(
                 "SELECT period_end, aggregation = 'unique_count', {COLUMNS}
                    FROM meter.meters
-                  WHERE stream_id = $1 AND closed_at IS NULL AND period_end <= $2
-                    AND (period_end, id) > ($5, $6)
-                    AND ($4::text[] IS NULL OR user_id = ANY ($4))
+                  WHERE stream_id = $1 AND closed_at IS NULL AND period_end <= $2 AND (period_end, id) > ($4, $5)
                   ORDER BY period_end, id LIMIT $3   -- the meters_due index order
                   FOR UPDATE SKIP LOCKED"
             ),
@@ -219,10 +217,23 @@ fn select(stream_id: i64, scope: Scope, limit: i64, after: Position) -> Result<V
                 stream_id.into(),
                 to_timestamptz(as_of).into(),
                 limit.into(),
-                users.map(|u| u.to_vec()).into(),
                 after_end.into(),
                 after.id.into(),
             ],
+        ),
+        // The users' meters (a realtime call's), looked up by user and kept here
+        // if due. With `period_end <= $2` in the query, the planner would go by
+        // the meters_due index when it believes few meters are due, and read
+        // every due meter of the stream, all of them at a month's end.
+        Scope::Due { users: Some(users), .. } => (
+            format!(
+                "SELECT period_end, aggregation = 'unique_count', {COLUMNS}
+                   FROM meter.meters
+                  WHERE stream_id = $1 AND user_id = ANY ($2) AND closed_at IS NULL
+                  ORDER BY period_end, id
+                  FOR UPDATE SKIP LOCKED"
+            ),
+            vec![stream_id.into(), users.to_vec().into()],
         ),
         Scope::All { at } => (
             format!(
@@ -241,15 +252,26 @@ fn select(stream_id: i64, scope: Scope, limit: i64, after: Position) -> Result<V
         ),
     };
     let mut candidates = Vec::new();
-    sql::for_each_row(&query, &args, |values, nulls| {
-        // SAFETY: a row of the query above: the period end, a boolean, then COLUMNS.
-        candidates.push(Candidate {
-            period_end: (!nulls[0]).then(|| from_pg_micros(values[0].value() as i64)).flatten(),
-            counts_distinct: !nulls[1] && values[1].value() != 0,
-            record: unsafe { MeterRecord::read(values, nulls, 2) },
-        });
-        Ok(())
-    })?;
+    let mut read = || {
+        sql::for_each_row(&query, &args, |values, nulls| {
+            // SAFETY: a row of the query above: the period end, a boolean, then COLUMNS.
+            candidates.push(Candidate {
+                period_end: (!nulls[0]).then(|| from_pg_micros(values[0].value() as i64)).flatten(),
+                counts_distinct: !nulls[1] && values[1].value() != 0,
+                record: unsafe { MeterRecord::read(values, nulls, 2) },
+            });
+            Ok(())
+        })
+    };
+    match scope {
+        Scope::Due { as_of, users: Some(_) } => {
+            sql::with_generic_lookups(read)?;
+            let due = |c: &Candidate| c.period_end.is_some_and(|end| end <= as_of);
+            candidates.retain(|c| due(c) && (c.period_end, c.record.id) > (after.period_end, after.id));
+            candidates.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        }
+        _ => read()?,
+    }
     Ok(candidates)
 }
 

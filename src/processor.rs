@@ -494,12 +494,11 @@ impl<'s> Processor<'s> {
               WHERE stream_id = $1 AND user_id = ANY($2)
               ORDER BY id {lock}"
         );
-        // A generic plan: planned for this stream's id, a custom plan trusts the
-        // statistics about it, and for a stream that grew since the last ANALYZE
-        // (a realtime stream auto-creating meters) it read the stream's every
-        // meter on each call, filtering by user. The generic plan estimates a
-        // stream's share from the number of streams and looks the users up.
-        let rows = sql::with_generic_plans(|| {
+        // A generic plan that looks the users up: planned for this stream's id, a
+        // custom plan trusts the statistics about it, and for a stream that grew
+        // since the last ANALYZE (a realtime stream auto-creating meters) it read
+        // the stream's every meter on each call, filtering by user.
+        let rows = sql::with_generic_lookups(|| {
             Spi::connect_mut(|client| -> Result<Vec<(MeterKey, Slot)>> {
                 let mut rows = Vec::new();
                 for row in sql::run(client, &query, &[self.stream.id.into(), users.clone().into()])? {
@@ -1010,8 +1009,10 @@ impl MeterRows {
         if self.ids.is_empty() {
             return Ok(());
         }
-        sql::execute(
-            "UPDATE meter.meters m
+        // A realtime call writes a meter or a few: by key, from a generic plan.
+        sql::with_generic_lookups(|| {
+            sql::execute(
+                "UPDATE meter.meters m
                 SET value = u.value::numeric, groups = u.groups::jsonb, carry_first = u.carry_first::jsonb,
                     carry_last = u.carry_last::jsonb, aggregation_state = u.state::jsonb,
                     first_record_at = u.first_at, last_record_at = u.last_at, record_count = u.count,
@@ -1020,18 +1021,19 @@ impl MeterRows {
                            $7::timestamptz[], $8::timestamptz[], $9::bigint[])
                     AS u(id, value, groups, carry_first, carry_last, state, first_at, last_at, count)
               WHERE m.id = u.id",
-            &[
-                self.ids.into(),
-                self.values.into(),
-                self.groups.into(),
-                self.carry_first.into(),
-                self.carry_last.into(),
-                self.states.into(),
-                self.first_at.into(),
-                self.last_at.into(),
-                self.counts.into(),
-            ],
-        )?;
+                &[
+                    self.ids.into(),
+                    self.values.into(),
+                    self.groups.into(),
+                    self.carry_first.into(),
+                    self.carry_last.into(),
+                    self.states.into(),
+                    self.first_at.into(),
+                    self.last_at.into(),
+                    self.counts.into(),
+                ],
+            )
+        })?;
         Ok(())
     }
 }

@@ -34,6 +34,32 @@ mod tests {
     }
 
     #[pg_test]
+    fn an_ingest_reads_only_its_users_meters_however_many_are_due() {
+        realtime();
+        for user in (0..300).map(|i| format!("other{i}")).chain(["u".to_string()]) {
+            run(&format!("SELECT meter.create_meter('rt', 'calls', '{user}')"));
+        }
+        // Statistics from before the others' periods ended (a month's end, the
+        // scan not run yet): few meters due, as far as the planner knows.
+        run("ANALYZE meter.meters");
+        run(
+            "UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day'
+              WHERE user_id <> 'u'",
+        );
+        let meter_rows_read = || {
+            sql_i64(
+                "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+                   FROM pg_stat_xact_user_tables WHERE relid = 'meter.meters'::regclass",
+            )
+        };
+        let before = meter_rows_read();
+        assert_eq!(ingest(json!({"userId": "u", "value": 1})), (1, 0, 0));
+        // The due check, the load and the update of u's meter: not the 300 due meters.
+        let read = meter_rows_read() - before;
+        assert!(read <= 5, "one ingest read {read} meter rows");
+    }
+
+    #[pg_test]
     fn the_first_ingest_starts_one_long_session() {
         realtime();
         assert_eq!(
