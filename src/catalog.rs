@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 use crate::aggregate::Aggregation;
 use crate::convert::{to_timestamp, to_timestamptz, transaction_now};
 use crate::errors::{MeterError, Result};
+use crate::locks::{self, Settings};
 use crate::record::FieldMap;
 use crate::record::FieldPath;
 use crate::rules::RuleSet;
@@ -122,6 +123,9 @@ pub fn alter_meter_type(
     active_to: Option<TimestampWithTimeZone>,
     category: Option<&str>,
 ) -> Result<i64> {
+    if let Some(id) = meter_type_id(name)? {
+        locks::change(Settings::MeterType, id)?;
+    }
     let row = Spi::connect_mut(|client| -> Result<_> {
         let table = sql::run(
             client,
@@ -184,6 +188,7 @@ pub fn drop_meter_type(name: &str, cascade: bool) -> Result<()> {
     let Some(id) = meter_type_id(name)? else {
         return Err(MeterError::NotFound(format!("meter type \"{name}\" does not exist")));
     };
+    locks::change(Settings::MeterType, id)?;
     if let Some(stream) = stream_using_meter_type(name)? {
         return Err(MeterError::InUse(format!(
             "meter type \"{name}\" is used by the guiding rules of stream \"{stream}\": change those rules first"
@@ -227,9 +232,10 @@ pub fn load_meter_type(name: &str) -> Result<MeterTypeSettings> {
         .ok_or_else(|| MeterError::NotFound(format!("meter type \"{name}\" does not exist")))
 }
 
-/// The named meter types (those that exist), share-locked against concurrent edits.
+/// The named meter types (those that exist), their settings share-locked
+/// against changes (`locks::Settings`) until the transaction ends.
 pub fn load_meter_types(names: &[String]) -> Result<HashMap<String, MeterTypeSettings>> {
-    Ok(load_types("name = ANY($1)", names.to_vec().into())?
+    Ok(load_types("name = ANY($1)", || names.to_vec().into())?
         .into_iter()
         .map(|t| (t.name.clone(), t))
         .collect())
@@ -237,34 +243,51 @@ pub fn load_meter_types(names: &[String]) -> Result<HashMap<String, MeterTypeSet
 
 /// The meter types with these ids, share-locked.
 pub fn load_meter_types_by_id(ids: &[i64]) -> Result<HashMap<i64, MeterTypeSettings>> {
-    Ok(load_types("id = ANY($1)", ids.to_vec().into())?
+    Ok(load_types("id = ANY($1)", || ids.to_vec().into())?
         .into_iter()
         .map(|t| (t.id, t))
         .collect())
 }
 
-fn load_types(condition: &'static str, arg: pgrx::datum::DatumWithOid) -> Result<Vec<MeterTypeSettings>> {
+fn load_types(
+    condition: &'static str,
+    arg: impl Fn() -> pgrx::datum::DatumWithOid<'static>,
+) -> Result<Vec<MeterTypeSettings>> {
+    // Read and locked in one statement, in id order; as in `load_stream`, types
+    // whose lock a change held are read again once it is done.
     let query = format!(
-        "SELECT id, name, aggregation, unit, reset_schedule, timezone, active_from, active_to
-           FROM meter.meter_types WHERE {condition} FOR SHARE"
+        "SELECT id, name, aggregation, unit, reset_schedule, timezone, active_from, active_to,
+                pg_catalog.pg_try_advisory_xact_lock_shared($2, id::int)
+           FROM meter.meter_types WHERE {condition} ORDER BY id"
     );
-    let rows = Spi::connect_mut(|client| -> Result<Vec<_>> {
-        let table = sql::run(client, &query, &[arg])?;
-        let mut rows = Vec::with_capacity(table.len());
-        for r in table {
-            rows.push((
-                r.get::<i64>(1)?.unwrap(),
-                r.get::<String>(2)?.unwrap(),
-                r.get::<String>(3)?.unwrap(),
-                r.get::<String>(4)?.unwrap(),
-                r.get::<String>(5)?.unwrap(),
-                r.get::<String>(6)?.unwrap(),
-                r.get::<TimestampWithTimeZone>(7)?,
-                r.get::<TimestampWithTimeZone>(8)?,
-            ));
+    let rows = loop {
+        let mut changing = Vec::new();
+        let rows = Spi::connect_mut(|client| -> Result<Vec<_>> {
+            let table = sql::run(client, &query, &[arg(), Settings::MeterType.key().into()])?;
+            let mut rows = Vec::with_capacity(table.len());
+            for r in table {
+                let id = r.get::<i64>(1)?.unwrap();
+                if !r.get::<bool>(9)?.unwrap() {
+                    changing.push(id);
+                }
+                rows.push((
+                    id,
+                    r.get::<String>(2)?.unwrap(),
+                    r.get::<String>(3)?.unwrap(),
+                    r.get::<String>(4)?.unwrap(),
+                    r.get::<String>(5)?.unwrap(),
+                    r.get::<String>(6)?.unwrap(),
+                    r.get::<TimestampWithTimeZone>(7)?,
+                    r.get::<TimestampWithTimeZone>(8)?,
+                ));
+            }
+            Ok(rows)
+        })?;
+        if changing.is_empty() {
+            break rows;
         }
-        Ok(rows)
-    })?;
+        locks::share(Settings::MeterType, &changing)?;
+    };
     let mut types = Vec::with_capacity(rows.len());
     for (id, name, aggregation, unit, schedule, timezone, active_from, active_to) in rows {
         let settings = MeterTypeSettings {
@@ -470,6 +493,7 @@ pub fn alter_stream(name: &str, change: impl FnOnce(&mut StreamSpec)) -> Result<
     let Some(id) = stream_id(name)? else {
         return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
     };
+    locks::change(Settings::Stream, id)?;
     let mut spec = Spi::connect_mut(|client| -> Result<StreamSpec> {
         let row = sql::run(
             client,
@@ -514,6 +538,7 @@ pub fn drop_stream(name: &str, cascade: bool) -> Result<()> {
     let Some(id) = stream_id(name)? else {
         return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
     };
+    locks::change(Settings::Stream, id)?;
     let pending = sql::one::<i64>(
         "SELECT coalesce(sum(records), 0) FROM meter.usage WHERE stream = $1",
         &[name.into()],
@@ -545,36 +570,51 @@ pub fn stream_id(name: &str) -> Result<Option<i64>> {
     sql::one::<i64>("SELECT id FROM meter.streams WHERE name = $1", &[name.into()])
 }
 
-/// Loads a stream for processing, locking its row against concurrent changes.
+/// Loads a stream for processing, its settings share-locked against changes
+/// (`locks::Settings`) until the transaction ends.
 pub fn load_stream(name: &str) -> Result<Stream> {
-    let row = Spi::connect_mut(|client| -> Result<_> {
-        let table = sql::run(
-            client,
-            "SELECT id, name, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
-                    id_field, auto_create_meters, audit
-               FROM meter.streams WHERE name = $1 FOR SHARE",
-            &[name.into()],
-        )?;
-        if table.is_empty() {
-            return Ok(None);
+    // Read and locked in one statement. If a change holds the lock, wait for it
+    // and read again: the first read may predate it. (A change that commits
+    // between the statement's start and its lock, microseconds, is not seen: the
+    // call counts as made before it.)
+    let row = loop {
+        let read = Spi::connect_mut(|client| -> Result<_> {
+            let table = sql::run(
+                client,
+                "SELECT id, name, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
+                        id_field, auto_create_meters, audit, pg_catalog.pg_try_advisory_xact_lock_shared($2, id::int)
+                   FROM meter.streams WHERE name = $1",
+                &[name.into(), Settings::Stream.key().into()],
+            )?;
+            if table.is_empty() {
+                return Ok(None);
+            }
+            let row = table.first();
+            Ok(Some((
+                row.get::<bool>(12)?.unwrap(),
+                (
+                    row.get::<i64>(1)?.unwrap(),
+                    row.get::<String>(2)?.unwrap(),
+                    row.get::<String>(3)?.unwrap(),
+                    row.get::<String>(4)?.unwrap(),
+                    row.get::<pgrx::JsonB>(5)?.unwrap().0,
+                    [
+                        row.get::<String>(6)?.unwrap(),
+                        row.get::<String>(7)?.unwrap(),
+                        row.get::<String>(8)?.unwrap(),
+                        row.get::<String>(9)?.unwrap(),
+                    ],
+                    row.get::<bool>(10)?.unwrap(),
+                    row.get::<bool>(11)?.unwrap(),
+                ),
+            )))
+        })?;
+        match read {
+            Some((false, row)) => locks::share(Settings::Stream, &[row.0])?,
+            Some((true, row)) => break Some(row),
+            None => break None,
         }
-        let row = table.first();
-        Ok(Some((
-            row.get::<i64>(1)?.unwrap(),
-            row.get::<String>(2)?.unwrap(),
-            row.get::<String>(3)?.unwrap(),
-            row.get::<String>(4)?.unwrap(),
-            row.get::<pgrx::JsonB>(5)?.unwrap().0,
-            [
-                row.get::<String>(6)?.unwrap(),
-                row.get::<String>(7)?.unwrap(),
-                row.get::<String>(8)?.unwrap(),
-                row.get::<String>(9)?.unwrap(),
-            ],
-            row.get::<bool>(10)?.unwrap(),
-            row.get::<bool>(11)?.unwrap(),
-        )))
-    })?;
+    };
     let Some((id, name, mode, flush_by, rules, fields, auto_create_meters, audit)) = row else {
         return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
     };

@@ -11,6 +11,50 @@ pub const NAMESPACE: i32 = 0x6d65_7472;
 /// Second key of the outbox lock; streams use their id (from 1).
 const OUTBOX: i64 = 0;
 
+/// The settings a transaction meters or flushes by: a stream's (rules, fields)
+/// or a meter type's (aggregation, schedule). Readers share-lock them for the
+/// transaction as they read them (`catalog::load_stream`, `catalog::load_types`);
+/// `alter_*` and `drop_*` lock them exclusively before they change them. A change
+/// so waits for the transactions using the old settings, and those that read
+/// after it see the new ones.
+///
+/// Advisory locks, not `FOR SHARE` on the rows: that wrote the row (a heap page
+/// and WAL) on every ingest, and concurrent ingests made a MultiXact each, which
+/// every table of the database must later be vacuumed for.
+#[derive(Debug, Clone, Copy)]
+pub enum Settings {
+    Stream,
+    MeterType,
+}
+
+impl Settings {
+    /// The first key of the settings' locks; the second is the stream's or type's id.
+    pub fn key(self) -> i32 {
+        match self {
+            Settings::Stream => 0x6d65_7473,    // "mets"
+            Settings::MeterType => 0x6d65_7474, // "mett"
+        }
+    }
+}
+
+/// Share-locks these settings (`ids`, ascending), waiting for any change under way.
+pub fn share(settings: Settings, ids: &[i64]) -> Result<()> {
+    sql::execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, id::int) FROM pg_catalog.unnest($2::bigint[]) AS id",
+        &[settings.key().into(), ids.to_vec().into()],
+    )?;
+    Ok(())
+}
+
+/// Locks these settings for a change: waits for the transactions using them.
+pub fn change(settings: Settings, id: i64) -> Result<()> {
+    sql::execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1, $2::int)",
+        &[settings.key().into(), id.into()],
+    )?;
+    Ok(())
+}
+
 /// The lock a transaction holds while it runs (or scans) a stream.
 pub fn stream(stream_id: i64, wait: bool) -> Result<bool> {
     take(stream_id, wait)

@@ -33,6 +33,28 @@ mod tests {
         sql_text("SELECT value::text FROM meter.meters")
     }
 
+    /// That the rows are not written is checked against a real cluster
+    /// (tests/integration/concurrency.rs): here, creating the meter and the session
+    /// key-share-locks both rows anyway (their foreign keys).
+    #[pg_test]
+    fn ingest_share_locks_the_settings_it_meters_by() {
+        realtime();
+        assert_eq!(ingest(json!({"userId": "u", "value": 1})), (1, 0, 0));
+        // Held until the transaction ends.
+        assert_eq!(
+            sql_text(
+                "SELECT string_agg(pg_catalog.to_hex(l.classid::int) || ' ' || l.mode, ', ' ORDER BY l.classid)
+                   FROM pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.objsubid = 2
+                    AND l.objid::bigint IN ((SELECT id FROM meter.streams WHERE name = 'rt'),
+                                            (SELECT id FROM meter.meter_types WHERE name = 'calls'))
+                    AND l.classid::bigint IN (x'6d657473'::int, x'6d657474'::int)"
+            )
+            .as_deref(),
+            Some("6d657473 ShareLock, 6d657474 ShareLock")
+        );
+    }
+
     #[pg_test]
     fn an_ingest_reads_only_its_users_meters_however_many_are_due() {
         realtime();

@@ -142,3 +142,111 @@ fn writers_runs_scans_and_consumers_together_keep_exact_totals() {
         refused.load(Ordering::SeqCst)
     );
 }
+
+/// Waits until a backend of `database` waits for an advisory lock (a settings lock).
+fn until_waiting_for_advisory_lock(db: &mut Client, database: &str) {
+    for _ in 0..200 {
+        let waiting: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = $1 AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+                &[&database],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return;
+        }
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("no backend of {database} came to wait for a settings lock");
+}
+
+/// Settings locks (`locks::Settings`): a change waits for the ingests using the
+/// old settings, and an ingest that waited for a change meters by the new ones.
+#[test]
+fn settings_changes_and_ingests_wait_for_each_other() {
+    const SETTINGS_DB: &str = "it_settings_locks";
+    let mut db = fresh_database(SETTINGS_DB);
+    db.batch_execute(
+        r#"SELECT meter.create_meter_type('calls', 'sum', '@yearly');
+           SELECT meter.create_stream('live', '[{"name": "all", "meter_type": "calls"}]', mode => 'realtime',
+                                      auto_create_meters => true);"#,
+    )
+    .unwrap();
+    let ingest = |db: &mut Client, value: i64| -> (i64, i64) {
+        let row = db
+            .query_one(
+                "SELECT accepted, rejected FROM meter.ingest('live', jsonb_build_object('userId', 'u', 'value', $1::bigint))",
+                &[&value],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+
+    // The first ingest creates the meter and the session.
+    let mut writer = connect(SETTINGS_DB);
+    assert_eq!(ingest(&mut writer, 10), (1, 0));
+
+    // An open ingest holds the stream's settings, without writing their rows
+    // (FOR SHARE would: a MultiXact per row once ingests overlap). A change
+    // waits for its commit.
+    writer.batch_execute("BEGIN").unwrap();
+    assert_eq!(ingest(&mut writer, 1), (1, 0));
+    let written: i64 = writer
+        .query_one(
+            "SELECT (SELECT count(*) FROM meter.streams WHERE xmax::text::bigint = txid_current() % 4294967296)
+                  + (SELECT count(*) FROM meter.meter_types WHERE xmax::text::bigint = txid_current() % 4294967296)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 0, "the ingest wrote no settings row");
+    let changer = thread::spawn(|| {
+        connect(SETTINGS_DB)
+            .batch_execute(
+                r#"SELECT meter.alter_stream('live', guiding_rules => '[{"name": "big", "meter_type": "calls",
+                       "conditions": [{"field": "kind", "op": "eq", "value": "big"}]}]')"#,
+            )
+            .unwrap();
+    });
+    until_waiting_for_advisory_lock(&mut db, SETTINGS_DB);
+    assert!(!changer.is_finished(), "the change waits for the open ingest");
+    writer.batch_execute("COMMIT").unwrap();
+    changer.join().unwrap();
+    assert_eq!(
+        ingest(&mut writer, 2),
+        (0, 1),
+        "the new rules take only records of kind big"
+    );
+
+    // An open change holds them: an ingest waits, then meters by the new rules.
+    db.batch_execute(
+        r#"BEGIN;
+           SELECT meter.alter_stream('live', guiding_rules => '[{"name": "all", "meter_type": "calls"}]');"#,
+    )
+    .unwrap();
+    let waiting = thread::spawn(move || ingest(&mut writer, 3));
+    let mut observer = connect(SETTINGS_DB);
+    until_waiting_for_advisory_lock(&mut observer, SETTINGS_DB);
+    db.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        waiting.join().unwrap(),
+        (1, 0),
+        "read again after the change: value 3 is taken"
+    );
+
+    // The same for a meter type's settings.
+    db.batch_execute("BEGIN; SELECT meter.alter_meter_type('calls', active_from => '2100-01-01');")
+        .unwrap();
+    let waiting = thread::spawn(move || ingest(&mut connect(SETTINGS_DB), 4));
+    until_waiting_for_advisory_lock(&mut observer, SETTINGS_DB);
+    db.batch_execute("COMMIT").unwrap();
+    assert_eq!(waiting.join().unwrap(), (0, 1), "not active yet when the ingest runs");
+
+    let value: String = db
+        .query_one("SELECT value::text FROM meter.meters", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(value, "14", "values 10, 1 and 3 metered, 2 and 4 rejected");
+}
