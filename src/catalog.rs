@@ -253,41 +253,35 @@ fn load_types(
     condition: &'static str,
     arg: impl Fn() -> pgrx::datum::DatumWithOid<'static>,
 ) -> Result<Vec<MeterTypeSettings>> {
-    // Read and locked in one statement, in id order; as in `load_stream`, types
-    // whose lock a change held are read again once it is done.
     let query = format!(
         "SELECT id, name, aggregation, unit, reset_schedule, timezone, active_from, active_to,
                 pg_catalog.pg_try_advisory_xact_lock_shared($2, id::int)
-           FROM meter.meter_types WHERE {condition} ORDER BY id"
+           FROM meter.meter_types WHERE {condition}"
     );
-    let rows = loop {
-        let mut changing = Vec::new();
-        let rows = Spi::connect_mut(|client| -> Result<Vec<_>> {
+    let rows = locks::read_shared(Settings::MeterType, || {
+        Spi::connect_mut(|client| -> Result<Vec<_>> {
             let table = sql::run(client, &query, &[arg(), Settings::MeterType.key().into()])?;
             let mut rows = Vec::with_capacity(table.len());
             for r in table {
                 let id = r.get::<i64>(1)?.unwrap();
-                if !r.get::<bool>(9)?.unwrap() {
-                    changing.push(id);
-                }
                 rows.push((
                     id,
-                    r.get::<String>(2)?.unwrap(),
-                    r.get::<String>(3)?.unwrap(),
-                    r.get::<String>(4)?.unwrap(),
-                    r.get::<String>(5)?.unwrap(),
-                    r.get::<String>(6)?.unwrap(),
-                    r.get::<TimestampWithTimeZone>(7)?,
-                    r.get::<TimestampWithTimeZone>(8)?,
+                    r.get::<bool>(9)?.unwrap(),
+                    (
+                        id,
+                        r.get::<String>(2)?.unwrap(),
+                        r.get::<String>(3)?.unwrap(),
+                        r.get::<String>(4)?.unwrap(),
+                        r.get::<String>(5)?.unwrap(),
+                        r.get::<String>(6)?.unwrap(),
+                        r.get::<TimestampWithTimeZone>(7)?,
+                        r.get::<TimestampWithTimeZone>(8)?,
+                    ),
                 ));
             }
             Ok(rows)
-        })?;
-        if changing.is_empty() {
-            break rows;
-        }
-        locks::share(Settings::MeterType, &changing)?;
-    };
+        })
+    })?;
     let mut types = Vec::with_capacity(rows.len());
     for (id, name, aggregation, unit, schedule, timezone, active_from, active_to) in rows {
         let settings = MeterTypeSettings {
@@ -573,12 +567,8 @@ pub fn stream_id(name: &str) -> Result<Option<i64>> {
 /// Loads a stream for processing, its settings share-locked against changes
 /// (`locks::Settings`) until the transaction ends.
 pub fn load_stream(name: &str) -> Result<Stream> {
-    // Read and locked in one statement. If a change holds the lock, wait for it
-    // and read again: the first read may predate it. (A change that commits
-    // between the statement's start and its lock, microseconds, is not seen: the
-    // call counts as made before it.)
-    let row = loop {
-        let read = Spi::connect_mut(|client| -> Result<_> {
+    let row = locks::read_shared(Settings::Stream, || {
+        Spi::connect_mut(|client| -> Result<_> {
             let table = sql::run(
                 client,
                 "SELECT id, name, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
@@ -586,35 +576,33 @@ pub fn load_stream(name: &str) -> Result<Stream> {
                    FROM meter.streams WHERE name = $1",
                 &[name.into(), Settings::Stream.key().into()],
             )?;
-            if table.is_empty() {
-                return Ok(None);
+            let mut rows = Vec::with_capacity(1);
+            if let Some(row) = table.into_iter().next() {
+                let id = row.get::<i64>(1)?.unwrap();
+                rows.push((
+                    id,
+                    row.get::<bool>(12)?.unwrap(),
+                    (
+                        id,
+                        row.get::<String>(2)?.unwrap(),
+                        row.get::<String>(3)?.unwrap(),
+                        row.get::<String>(4)?.unwrap(),
+                        row.get::<pgrx::JsonB>(5)?.unwrap().0,
+                        [
+                            row.get::<String>(6)?.unwrap(),
+                            row.get::<String>(7)?.unwrap(),
+                            row.get::<String>(8)?.unwrap(),
+                            row.get::<String>(9)?.unwrap(),
+                        ],
+                        row.get::<bool>(10)?.unwrap(),
+                        row.get::<bool>(11)?.unwrap(),
+                    ),
+                ));
             }
-            let row = table.first();
-            Ok(Some((
-                row.get::<bool>(12)?.unwrap(),
-                (
-                    row.get::<i64>(1)?.unwrap(),
-                    row.get::<String>(2)?.unwrap(),
-                    row.get::<String>(3)?.unwrap(),
-                    row.get::<String>(4)?.unwrap(),
-                    row.get::<pgrx::JsonB>(5)?.unwrap().0,
-                    [
-                        row.get::<String>(6)?.unwrap(),
-                        row.get::<String>(7)?.unwrap(),
-                        row.get::<String>(8)?.unwrap(),
-                        row.get::<String>(9)?.unwrap(),
-                    ],
-                    row.get::<bool>(10)?.unwrap(),
-                    row.get::<bool>(11)?.unwrap(),
-                ),
-            )))
-        })?;
-        match read {
-            Some((false, row)) => locks::share(Settings::Stream, &[row.0])?,
-            Some((true, row)) => break Some(row),
-            None => break None,
-        }
-    };
+            Ok(rows)
+        })
+    })?
+    .pop();
     let Some((id, name, mode, flush_by, rules, fields, auto_create_meters, audit)) = row else {
         return Err(MeterError::NotFound(format!("stream \"{name}\" does not exist")));
     };

@@ -13,7 +13,8 @@ const OUTBOX: i64 = 0;
 
 /// The settings a transaction meters or flushes by: a stream's (rules, fields)
 /// or a meter type's (aggregation, schedule). Readers share-lock them for the
-/// transaction as they read them (`catalog::load_stream`, `catalog::load_types`);
+/// transaction as they read them (`read_shared`, from `catalog::load_stream` and
+/// `catalog::load_types`);
 /// `alter_*` and `drop_*` lock them exclusively before they change them. A change
 /// so waits for the transactions using the old settings, and those that read
 /// after it see the new ones.
@@ -37,8 +38,30 @@ impl Settings {
     }
 }
 
+/// Reads settings share-locked. `read` runs one statement that returns each row
+/// with its id and `pg_try_advisory_xact_lock_shared(settings.key(), id::int)`
+/// (whether the lock was had without waiting). If a change holds some row's lock,
+/// this waits for it and reads again: the first read may predate the change. (A
+/// change that commits between the statement's start and its lock, microseconds,
+/// is not seen: the reader counts as having read before it.)
+pub fn read_shared<T>(settings: Settings, mut read: impl FnMut() -> Result<Vec<(i64, bool, T)>>) -> Result<Vec<T>> {
+    loop {
+        let rows = read()?;
+        let mut changing: Vec<i64> = rows
+            .iter()
+            .filter(|(_, locked, _)| !locked)
+            .map(|(id, ..)| *id)
+            .collect();
+        if changing.is_empty() {
+            return Ok(rows.into_iter().map(|(.., row)| row).collect());
+        }
+        changing.sort_unstable();
+        share(settings, &changing)?;
+    }
+}
+
 /// Share-locks these settings (`ids`, ascending), waiting for any change under way.
-pub fn share(settings: Settings, ids: &[i64]) -> Result<()> {
+fn share(settings: Settings, ids: &[i64]) -> Result<()> {
     sql::execute(
         "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, id::int) FROM pg_catalog.unnest($2::bigint[]) AS id",
         &[settings.key().into(), ids.to_vec().into()],
