@@ -249,4 +249,22 @@ fn settings_changes_and_ingests_wait_for_each_other() {
         .unwrap()
         .get(0);
     assert_eq!(value, "14", "values 10, 1 and 3 metered, 2 and 4 rejected");
+
+    // An ingest waiting for a drop reads again and finds no stream: a clear error.
+    db.batch_execute("BEGIN; SELECT meter.drop_stream('live', cascade => true);")
+        .unwrap();
+    let waiting = thread::spawn(|| {
+        connect(SETTINGS_DB)
+            .query(
+                "SELECT * FROM meter.ingest('live', '{\"userId\": \"u\", \"value\": 5}')",
+                &[],
+            )
+            .unwrap_err()
+    });
+    until_waiting_for_advisory_lock(&mut observer, SETTINGS_DB);
+    db.batch_execute("COMMIT").unwrap();
+    let error = waiting.join().unwrap();
+    let error = error.as_db_error().expect("a database error");
+    assert_eq!(error.code().code(), "42704");
+    assert_eq!(error.message(), "stream \"live\" does not exist");
 }
