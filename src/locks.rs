@@ -8,8 +8,18 @@ use crate::sql;
 
 /// meter_ext's advisory lock namespace ("metr"), the first of the two keys.
 pub const NAMESPACE: i32 = 0x6d65_7472;
-/// Second key of the outbox lock; streams use their id (from 1).
+/// Second key of the outbox lock; streams use their id (from 1, `id_key`).
 const OUTBOX: i64 = 0;
+
+/// The second key (an int4) of a row's lock: its id's low 31 bits, which is the id
+/// itself below 2^31. Ids 2^31 apart share a lock, which only makes one wait for
+/// the other; a plain `id::int` would fail every call past 2^31 with "integer out
+/// of range".
+pub const ID_KEY_SQL: &str = "(id & 2147483647)::int";
+
+fn id_key(id: i64) -> i32 {
+    (id & 0x7fff_ffff) as i32
+}
 
 /// The settings a transaction meters or flushes by: a stream's (rules, fields)
 /// or a meter type's (aggregation, schedule). Readers share-lock them for the
@@ -39,7 +49,7 @@ impl Settings {
 }
 
 /// Reads settings share-locked. `read` runs one statement that returns each row
-/// with its id and `pg_try_advisory_xact_lock_shared(settings.key(), id::int)`
+/// with its id and `pg_try_advisory_xact_lock_shared(settings.key(), ID_KEY_SQL)`
 /// (whether the lock was had without waiting). If a change holds some row's lock,
 /// this waits for it and reads again: the first read may predate the change. (A
 /// change that commits between the statement's start and its lock, microseconds,
@@ -62,9 +72,10 @@ pub fn read_shared<T>(settings: Settings, mut read: impl FnMut() -> Result<Vec<(
 
 /// Share-locks these settings (`ids`, ascending), waiting for any change under way.
 fn share(settings: Settings, ids: &[i64]) -> Result<()> {
+    let keys: Vec<i32> = ids.iter().map(|id| id_key(*id)).collect();
     sql::execute(
-        "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, id::int) FROM pg_catalog.unnest($2::bigint[]) AS id",
-        &[settings.key().into(), ids.to_vec().into()],
+        "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, key) FROM pg_catalog.unnest($2::int[]) AS key",
+        &[settings.key().into(), keys.into()],
     )?;
     Ok(())
 }
@@ -72,8 +83,8 @@ fn share(settings: Settings, ids: &[i64]) -> Result<()> {
 /// Locks these settings for a change: waits for the transactions using them.
 pub fn change(settings: Settings, id: i64) -> Result<()> {
     sql::execute(
-        "SELECT pg_catalog.pg_advisory_xact_lock($1, $2::int)",
-        &[settings.key().into(), id.into()],
+        "SELECT pg_catalog.pg_advisory_xact_lock($1, $2)",
+        &[settings.key().into(), id_key(id).into()],
     )?;
     Ok(())
 }
@@ -96,8 +107,8 @@ fn take(key: i64, wait: bool) -> Result<bool> {
     } else {
         "pg_try_advisory_xact_lock"
     };
-    let query = format!("SELECT coalesce(pg_catalog.{function}($1, $2::int)::text, 'true')");
-    Ok(sql::one::<String>(&query, &[NAMESPACE.into(), key.into()])?.as_deref() == Some("true"))
+    let query = format!("SELECT coalesce(pg_catalog.{function}($1, $2)::text, 'true')");
+    Ok(sql::one::<String>(&query, &[NAMESPACE.into(), id_key(key).into()])?.as_deref() == Some("true"))
 }
 
 /// A backend (other than this one) holding a stream's lock, for error messages.
@@ -106,6 +117,6 @@ pub fn stream_holder(stream_id: i64) -> Result<Option<i32>> {
         "SELECT pid FROM pg_catalog.pg_locks
           WHERE locktype = 'advisory' AND classid = $1::oid AND objid = $2::oid AND objsubid = 2 AND granted
             AND pid <> pg_catalog.pg_backend_pid() LIMIT 1",
-        &[(NAMESPACE as i64).into(), stream_id.into()],
+        &[(NAMESPACE as i64).into(), (id_key(stream_id) as i64).into()],
     )
 }

@@ -56,6 +56,42 @@ mod tests {
     }
 
     #[pg_test]
+    fn ids_past_2_31_lock_by_their_low_31_bits() {
+        run("ALTER TABLE meter.meter_types ALTER COLUMN id RESTART WITH 3000000000");
+        run("ALTER TABLE meter.streams ALTER COLUMN id RESTART WITH 6000000000");
+        realtime();
+        // The stream's and the meter type's settings locks, and (a scan) the run lock.
+        assert_eq!(ingest(json!({"userId": "u", "value": 5})), (1, 0, 0));
+        assert_eq!(value().as_deref(), Some("5"));
+        run("SELECT meter._scan_stream(id) FROM meter.streams WHERE name = 'rt'");
+        let locks = || {
+            sql_text(
+                "SELECT string_agg(pg_catalog.to_hex(l.classid::int) || ' ' || l.objid || ' ' || l.mode, ', '
+                                   ORDER BY l.classid, l.mode)
+                   FROM pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.objsubid = 2
+                    AND l.classid::bigint IN (x'6d657472'::int, x'6d657473'::int, x'6d657474'::int)",
+            )
+        };
+        // 6000000000 - 2 * 2^31 and 3000000000 - 2^31.
+        assert_eq!(
+            locks().as_deref(),
+            Some("6d657472 1705032704 ExclusiveLock, 6d657473 1705032704 ShareLock, 6d657474 852516352 ShareLock")
+        );
+        run("SELECT meter.alter_meter_type('calls', unit => 'calls')");
+        run("SELECT meter.alter_stream('rt', audit => false)");
+        assert_eq!(
+            locks().as_deref(),
+            Some(
+                "6d657472 1705032704 ExclusiveLock, 6d657473 1705032704 ExclusiveLock, \
+                 6d657473 1705032704 ShareLock, 6d657474 852516352 ExclusiveLock, 6d657474 852516352 ShareLock"
+            )
+        );
+        assert_eq!(ingest(json!({"userId": "u", "value": 7})), (1, 0, 0));
+        assert_eq!(value().as_deref(), Some("7"));
+    }
+
+    #[pg_test]
     fn an_ingest_reads_only_its_users_meters_however_many_are_due() {
         realtime();
         for user in (0..300).map(|i| format!("other{i}")).chain(["u".to_string()]) {
