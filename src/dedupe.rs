@@ -1,30 +1,20 @@
 //! Looking up record ids already metered (`meter.dedupe_keys`) without a lookup
-//! per id where one range lookup answers for them all.
+//! per id where one range scan answers for them all.
 //!
-//! Each id checked is a descent of the (stream_id, record_id) index, the largest
-//! part of `ingest`'s own work and of a run's claims. But ids are often ordered
-//! (sequences, ULIDs, time-prefixed ids) and a stream's new records carry new ids:
-//! then no metered id lies between a batch's smallest and largest id, and one
-//! descent shows it. Where metered ids do lie in between (random ids), that one
-//! extra descent per batch is all it costs.
+//! Each id looked up alone is a descent of the (stream_id, record_id) index, the
+//! largest part of `ingest`'s own work and of a run's claims. But a chunk's ids
+//! usually lie in a narrow stretch of the index: ordered ids (sequences, ULIDs,
+//! time-prefixed ids) have no metered id between a chunk's smallest and largest,
+//! and counters without padding ("r500001" … "r501000") a few hundred. Reading
+//! that stretch once costs a fifth of the descents or less. Where it holds more
+//! than a quarter as many keys as the chunk has ids (random ids such as UUIDs),
+//! the scan stops there and the ids are looked up one by one.
 
 use crate::errors::Result;
 use crate::sql;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-
-/// Whether `stream_id` has any id in `lowest..=highest` (in the index's "C" order,
-/// which is Rust's byte order of `str`), expired ones included.
-pub fn any_between(stream_id: i64, lowest: &str, highest: &str) -> Result<bool> {
-    let found = by_index(|| {
-        sql::one::<bool>(
-            "SELECT EXISTS (SELECT FROM meter.dedupe_keys
-                             WHERE stream_id = $1 AND record_id BETWEEN $2 AND $3)",
-            &[stream_id.into(), lowest.into(), highest.into()],
-        )
-    })?;
-    Ok(found.unwrap_or(true))
-}
+use rustc_hash::FxHashSet as HashSet;
 
 /// Runs the lookups of `f` by the index, from plans cached per backend: a plan
 /// made while the table was small would otherwise scan it, and keep scanning it
@@ -53,32 +43,80 @@ pub fn metered_among(
 ) -> Result<Vec<String>> {
     let mut metered = Vec::new();
     for chunk in ids.chunks(chunk_len.max(1)) {
-        let range = bounds(chunk.iter().map(String::as_str));
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
         metered.extend(sql::in_chunk_context(|| {
-            known_among(stream_id, range, chunk.to_vec().into(), forget_before)
+            known_among(stream_id, &chunk, || chunk.clone().into(), forget_before)
         })?);
     }
     Ok(metered)
 }
 
-/// Which of `ids` (a text[] of distinct ids whose extremes are `range`)
-/// `stream_id` saw at or after `since`: nothing is looked up per id unless some id
-/// of the stream lies in `range` (`any_between`). Each id is then one lookup in the
-/// index (a subplan per id, which OFFSET 0 keeps one): with `= ANY(ids)` instead,
-/// the planner could price reading the stream's every key below a thousand
-/// lookups, which for a stream with months of ids is ruinous.
-pub fn known_among(
+/// How many keys of the stretch between a chunk's extremes a range scan reads,
+/// per id of the chunk, before it gives way to a lookup per id. A key read in
+/// passing costs about a fifth of a descent; at a quarter key per id, a chunk of
+/// random ids wastes a twentieth of its lookups' cost on the scan.
+const KEYS_PER_ID_SCANNED: usize = 4;
+
+/// Which of `ids` (distinct) `stream_id` saw at or after `since`. The stream's
+/// keys between the smallest and largest id are read in one range scan; only
+/// when that stretch holds more than `ids.len() / KEYS_PER_ID_SCANNED` keys is
+/// each id looked up in the index (`ids_array()`, the same ids as a text[]).
+pub fn known_among<'a>(
     stream_id: i64,
-    range: Option<(&str, &str)>,
-    ids: DatumWithOid,
+    ids: &[&str],
+    ids_array: impl FnOnce() -> DatumWithOid<'a>,
     since: TimestampWithTimeZone,
 ) -> Result<Vec<String>> {
-    let Some((lowest, highest)) = range else {
+    let Some((lowest, highest)) = bounds(ids.iter().copied()) else {
         return Ok(Vec::new());
     };
-    if !any_between(stream_id, lowest, highest)? {
-        return Ok(Vec::new());
+    let most = (ids.len() / KEYS_PER_ID_SCANNED).max(1) as i64;
+    if let Some(in_stretch) = keys_between(stream_id, lowest, highest, since, most)? {
+        if in_stretch.is_empty() {
+            return Ok(in_stretch);
+        }
+        let wanted: HashSet<&str> = ids.iter().copied().collect();
+        return Ok(in_stretch
+            .into_iter()
+            .filter(|key| wanted.contains(key.as_str()))
+            .collect());
     }
+    each_known(stream_id, ids_array(), since)
+}
+
+/// The ids `stream_id` saw at or after `since` among its keys `lowest..=highest`
+/// (in the index's "C" order, which is Rust's byte order of `str`), or `None` when
+/// that stretch holds more than `most` keys, expired ones included.
+pub fn keys_between(
+    stream_id: i64,
+    lowest: &str,
+    highest: &str,
+    since: TimestampWithTimeZone,
+    most: i64,
+) -> Result<Option<Vec<String>>> {
+    by_index(|| {
+        sql::one::<Vec<String>>(
+            "SELECT CASE WHEN count(*) <= $4
+                         THEN coalesce(array_agg(k.record_id) FILTER (WHERE k.seen_at >= $5), '{}') END
+               FROM (SELECT record_id, seen_at FROM meter.dedupe_keys
+                      WHERE stream_id = $1 AND record_id BETWEEN $2 AND $3
+                      LIMIT $4 + 1) k",
+            &[
+                stream_id.into(),
+                lowest.into(),
+                highest.into(),
+                most.into(),
+                since.into(),
+            ],
+        )
+    })
+}
+
+/// Which of `ids` (a text[] of distinct ids) `stream_id` saw at or after `since`,
+/// each looked up in the index (a subplan per id, which OFFSET 0 keeps one): with
+/// `= ANY(ids)` instead, the planner could price reading the stream's every key
+/// below a thousand lookups, which for a stream with months of ids is ruinous.
+fn each_known(stream_id: i64, ids: DatumWithOid<'_>, since: TimestampWithTimeZone) -> Result<Vec<String>> {
     by_index(|| {
         sql::strings(
             "SELECT c.id FROM pg_catalog.unnest($2::text[]) AS c(id)

@@ -663,9 +663,9 @@ impl<'s> Processor<'s> {
     /// conflict (if one did, the run would fail and roll back, losing nothing).
     /// Returns the ids seen before and still within the retention.
     ///
-    /// The probe (`dedupe::known_among`) looks ids up only when some id of the
-    /// stream lies within the chunk's range, and returns only the ids found,
-    /// usually none. Probe and plain insert cost less than ON CONFLICT's lookups,
+    /// The probe (`dedupe::known_among`) reads the stream's ids within the chunk's
+    /// range, or looks each id up when that range holds many, and returns only the
+    /// ids found, usually none. Probe and plain insert cost less than ON CONFLICT's lookups,
     /// and returning every claimed id cost a string per record.
     fn claim_holding_stream(
         &self,
@@ -679,12 +679,13 @@ impl<'s> Processor<'s> {
                 .array_of(items.iter().map(|t| t.record_id.map(sql::text_datum)), buffers)
         };
         let ids = text_ids(claiming, &mut buffers);
+        let claimed_ids: Vec<&str> = claiming.iter().filter_map(|t| t.record_id).collect();
         // Every id seen, expired ones included: those are claimed again by upsert.
         let known: HashSet<String> = dedupe::known_among(
             self.stream.id,
-            dedupe::bounds(claiming.iter().filter_map(|t| t.record_id)),
+            &claimed_ids,
             // SAFETY: a text[] built just now in the current memory context.
-            unsafe { DatumWithOid::new(ids, pg_sys::TEXTARRAYOID) },
+            || unsafe { DatumWithOid::new(ids, pg_sys::TEXTARRAYOID) },
             TimestampWithTimeZone::negative_infinity(),
         )?
         .into_iter()

@@ -540,6 +540,60 @@ mod tests {
         assert_eq!(value_of("u", "calls").as_deref(), Some("16"));
     }
 
+    /// Index scans of meter.dedupe_keys so far in this transaction.
+    fn dedupe_index_scans() -> i64 {
+        sql_i64(
+            "SELECT coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables
+              WHERE relid = 'meter.dedupe_keys'::regclass",
+        )
+    }
+
+    #[pg_test]
+    fn known_record_ids_are_found_by_one_range_scan_or_one_by_one_alike() {
+        use crate::dedupe::{keys_between, known_among};
+        use pgrx::datum::TimestampWithTimeZone;
+        dedupe_stream();
+        // Keys k0001 … k1000, contiguous in "C" order; every tenth expired.
+        run("INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at)
+             SELECT s.id, 'k' || lpad(i::text, 4, '0'),
+                    CASE WHEN i % 10 = 0 THEN now() - interval '400 days' ELSE now() END
+               FROM meter.streams s, generate_series(1, 1000) i WHERE s.name = 's'");
+        let stream_id = sql_i64("SELECT id FROM meter.streams WHERE name = 's'");
+        let all = TimestampWithTimeZone::negative_infinity();
+        let recent = Spi::get_one::<TimestampWithTimeZone>("SELECT now() - interval '1 day'")
+            .unwrap()
+            .unwrap();
+        let known = |ids: &[&str], since| {
+            let mut found = known_among(stream_id, ids, || ids.to_vec().into(), since).unwrap();
+            found.sort();
+            found
+        };
+
+        // 24 ids between k0005 and k0010, whose stretch holds 6 keys: a quarter
+        // key per id, read in one scan.
+        let mut near: Vec<String> = ["k0005", "k0006", "k0010"].map(String::from).to_vec();
+        near.extend((0..21).map(|i| format!("k0007-{i:02}")));
+        let near: Vec<&str> = near.iter().map(String::as_str).collect();
+        let scans = dedupe_index_scans();
+        assert_eq!(known(&near, all), ["k0005", "k0006", "k0010"]);
+        assert_eq!(dedupe_index_scans() - scans, 1, "one range scan");
+        assert_eq!(known(&near, recent), ["k0005", "k0006"], "k0010 expired");
+        // One id fewer, and the stretch holds more than a quarter key per id.
+        assert_eq!(keys_between(stream_id, "k0005", "k0010", all, 23 / 4).unwrap(), None);
+        let scans = dedupe_index_scans();
+        assert_eq!(known(&near[..23], all), ["k0005", "k0006", "k0010"]);
+        assert_eq!(dedupe_index_scans() - scans, 1 + 23, "the scan, then a lookup per id");
+
+        // Ids far apart: the stretch holds the whole stream, so each is looked up.
+        let far = ["k0001", "k0501", "k0990", "k0999", "k1001", "j"];
+        assert_eq!(keys_between(stream_id, "j", "k1001", all, 1).unwrap(), None);
+        assert_eq!(known(&far, all), ["k0001", "k0501", "k0990", "k0999"]);
+        assert_eq!(known(&far, recent), ["k0001", "k0501", "k0999"], "k0990 expired");
+        // Ids beyond every key, and none at all.
+        assert_eq!(known(&["l1", "l2", "l3", "l4"], all), Vec::<String>::new());
+        assert_eq!(known(&[], all), Vec::<String>::new());
+    }
+
     #[pg_test]
     fn duplicates_by_insert_and_across_both_paths_count_once() {
         dedupe_stream();
