@@ -27,7 +27,10 @@ CREATE TABLE meter.sessions (
     chunks             bigint NOT NULL DEFAULT 0,
     report             jsonb,               -- a DEBUG run's findings
     error              text,
-    updated_at         timestamptz NOT NULL DEFAULT clock_timestamp()
+    updated_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- The newest flushId of the session's records: consumers that acknowledged it
+    -- have all of them. NULL until it flushes (or when it flushed only before 0.2.0).
+    last_flush_id      bigint
 );
 CREATE INDEX sessions_stream ON meter.sessions (stream_id, id);
 -- One working NORMAL run per stream at a time.

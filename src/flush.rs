@@ -43,6 +43,8 @@ pub struct Flushed {
     pub meters: i64,
     /// Records written to the outbox.
     pub records: i64,
+    /// The newest flush id among them.
+    pub last_flush_id: Option<i64>,
     /// Where the next flush of the same pass starts.
     pub next: Position,
 }
@@ -196,6 +198,7 @@ fn flush_chunk(stream_id: i64, session_id: Option<i64>, scope: Scope, limit: i64
     Ok(Flushed {
         meters: candidates.len() as i64,
         records: written.flush_ids.len() as i64,
+        last_flush_id: written.flush_ids.last().copied(),
         next,
     })
 }

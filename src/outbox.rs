@@ -79,15 +79,15 @@ pub fn ack(name: &str, up_to: i64) -> Result<i64> {
 /// CONSUME_COMPLETED then COMPLETED once every consumer has acknowledged all its
 /// records; otherwise it waits in PUSH_COMPLETED.
 ///
-/// A session that flushed nothing (its counts say so) is consumed at once. For
-/// one that did, "all its records" is asked as "none of them past the slowest
+/// A session that flushed nothing (its counts say so) is consumed at once. One
+/// that did is consumed once the slowest consumer's acknowledgement reaches its
+/// newest flush id (`sessions::last_flush_id`): one comparison, whatever the
+/// backlog, so a consumer catching up on a long outbox is not slowed by the
+/// sessions waiting for it. A session that flushed only before 0.2.0 has no such
+/// id; for it, "all its records" is asked as "none of them past the slowest
 /// consumer's acknowledgement", along the stream's outbox index `(stream_id, id)`
-/// from that point to the stream's end: the row comparison starts the scan there
-/// (with `stream_id = …` instead, the scan started at the stream's first record),
-/// and fits that index only. What it reads is bounded by the stream's records the
-/// consumers have yet to read, where the session's `max(id)` walked every
-/// stream's outbox back from its newest record (all of it, for a session that
-/// flushed nothing).
+/// from that point: the row comparison starts the scan there, and fits that index
+/// only.
 pub fn settle(session_id: i64) -> Result<()> {
     let state = sql::by_index_lookups(|| {
         sql::one::<String>(
@@ -96,6 +96,10 @@ pub fn settle(session_id: i64) -> Result<()> {
                         WHEN s.meters_flushed + (SELECT coalesce(sum(k.meters_flushed), 0)
                                                    FROM meter.session_counters k WHERE k.session_id = s.id) = 0
                         THEN 'consumed'
+                        WHEN $2::bigint IS NOT NULL
+                        THEN CASE WHEN $2 <= (SELECT min(c.acked_flush_id) FROM meter.consumers c
+                                               WHERE c.stream_id = s.stream_id)
+                                  THEN 'consumed' ELSE 'waiting' END
                         WHEN NOT EXISTS (
                              SELECT FROM meter.flushed f
                               WHERE f.session_id = s.id AND f.stream_id <= s.stream_id
@@ -105,7 +109,7 @@ pub fn settle(session_id: i64) -> Result<()> {
                         ELSE 'waiting'
                     END
                FROM meter.sessions s WHERE s.id = $1 AND s.status = 'PUSH_COMPLETED'",
-            &[session_id.into()],
+            &[session_id.into(), sessions::last_flush_id(session_id)?.into()],
         )
     })?;
     match state.as_deref() {

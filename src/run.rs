@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::catalog::{self, FlushBy, Stream, StreamMode};
 use crate::convert::clock_now;
 use crate::errors::{MeterError, Result};
-use crate::flush::{self, Flushed, Position, Scope};
+use crate::flush::{self, Position, Scope};
 use crate::gucs;
 use crate::inbox;
 use crate::locks;
@@ -157,7 +157,7 @@ fn step_from(id: i64, flushed_to: &mut Position) -> Result<Step> {
                 *flushed_to,
             )?;
             *flushed_to = flushed.next;
-            sessions::count(id, Counts::default(), flushed.records)?;
+            sessions::count(id, Counts::default(), Some(&flushed))?;
             if flushed.meters < limit {
                 sessions::set_phase(id, "process")?;
                 // The closing flush is another pass: a later as_of, maybe another scope.
@@ -173,7 +173,7 @@ fn step_from(id: i64, flushed_to: &mut Position) -> Result<Step> {
             }
             let mut processor = Processor::new(&stream, Mode::Apply, Some(id), session.as_of)?.holding_stream()?;
             let counts = Counts::of(&processor.process(&chunk.inputs)?);
-            sessions::count(id, counts, 0)?;
+            sessions::count(id, counts, None)?;
             sessions::set_inbox_position(id, chunk.after)?;
             Ok(Step::More)
         }
@@ -185,10 +185,10 @@ fn step_from(id: i64, flushed_to: &mut Position) -> Result<Step> {
                 },
                 FlushBy::StreamExecution => Scope::All { at: session.as_of },
             };
-            let Flushed { meters, records, next } = flush::flush(stream.id, Some(id), scope, limit, *flushed_to)?;
-            *flushed_to = next;
-            sessions::count(id, Counts::default(), records)?;
-            if meters == limit {
+            let flushed = flush::flush(stream.id, Some(id), scope, limit, *flushed_to)?;
+            *flushed_to = flushed.next;
+            sessions::count(id, Counts::default(), Some(&flushed))?;
+            if flushed.meters == limit {
                 return Ok(Step::More);
             }
             sessions::transition(id, Status::PushCompleted, None)?;
@@ -238,7 +238,7 @@ fn process_all(session: &Session) -> Result<()> {
         }
         after = chunk.after;
         let counts = sql::in_chunk_context(|| processor.process(&chunk.inputs))?;
-        sessions::count(session.id, Counts::of(&counts), 0)?;
+        sessions::count(session.id, Counts::of(&counts), None)?;
     }
     // The meters and audit rows kept across chunks, written once.
     sql::in_chunk_context(|| processor.finish())?;
@@ -327,7 +327,7 @@ fn debug(session: &Session, stream: &Stream) -> Result<Step> {
         "UPDATE meter.sessions SET report = $2::text::jsonb WHERE id = $1",
         &[session.id.into(), report.to_string().into()],
     )?;
-    sessions::count(session.id, counts, 0)?;
+    sessions::count(session.id, counts, None)?;
     let verdict = if counts.rejected == 0 {
         Status::TestingPassed
     } else {

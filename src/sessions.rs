@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 use crate::catalog::{Stream, StreamMode};
 use crate::convert::{to_timestamp, to_timestamptz};
 use crate::errors::{MeterError, Result};
+use crate::flush::Flushed;
 use crate::processor::Counts;
 use crate::session::{check_transition, RunType, SessionKind, Status};
 use crate::sql;
@@ -153,8 +154,9 @@ fn announce(id: i64, previous: Status) -> Result<()> {
 }
 
 /// Adds a chunk's outcomes to the session's counters (progress is visible once the
-/// chunk commits).
-pub fn count(id: i64, counts: Counts, flushed: i64) -> Result<()> {
+/// chunk commits), and what a flush wrote: how many records, and the newest flush
+/// id among them (see `last_flush_id`).
+pub fn count(id: i64, counts: Counts, flushed: Option<&Flushed>) -> Result<()> {
     sql::execute(
         "UPDATE meter.sessions
             SET records_processed = records_processed + $2, records_metered = records_metered + $3,
@@ -167,9 +169,17 @@ pub fn count(id: i64, counts: Counts, flushed: i64) -> Result<()> {
             counts.metered.into(),
             counts.duplicates.into(),
             counts.rejected.into(),
-            flushed.into(),
+            flushed.map_or(0, |f| f.records).into(),
         ],
     )?;
+    if let Some(last) = flushed.and_then(|f| f.last_flush_id) {
+        if has_last_flush_id()? {
+            sql::execute(
+                "UPDATE meter.sessions SET last_flush_id = greatest(last_flush_id, $2) WHERE id = $1",
+                &[id.into(), last.into()],
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -217,6 +227,39 @@ pub fn fold_counters() -> Result<()> {
         &[],
     )?;
     Ok(())
+}
+
+/// The newest flush id of a run's records, which `count` records from 0.2.0 on
+/// (realtime sessions never wait for consumers: they complete when stopped).
+/// `outbox::settle` compares it with the consumers' acknowledgements.
+pub fn last_flush_id(id: i64) -> Result<Option<i64>> {
+    if !has_last_flush_id()? {
+        return Ok(None);
+    }
+    sql::one::<i64>("SELECT last_flush_id FROM meter.sessions WHERE id = $1", &[id.into()])
+}
+
+thread_local! {
+    /// Whether meter.sessions has last_flush_id, once seen.
+    static HAS_LAST_FLUSH_ID: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this database's meter.sessions has `last_flush_id` (0.2.0 on): a 0.1.0
+/// schema keeps working with this library until `ALTER EXTENSION meter_ext
+/// UPDATE`, its sessions settled by reading the outbox. Remembered once true.
+fn has_last_flush_id() -> Result<bool> {
+    if HAS_LAST_FLUSH_ID.get() {
+        return Ok(true);
+    }
+    let has = sql::one::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                         WHERE attrelid = 'meter.sessions'::pg_catalog.regclass
+                           AND attname = 'last_flush_id' AND NOT attisdropped)",
+        &[],
+    )?
+    .unwrap_or(false);
+    HAS_LAST_FLUSH_ID.set(has);
+    Ok(has)
 }
 
 pub fn set_inbox_position(id: i64, position: i64) -> Result<()> {

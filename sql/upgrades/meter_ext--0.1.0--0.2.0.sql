@@ -5,9 +5,14 @@
 --   * meter.usage rows may hold a batch (an array of records): meter.ingest queues
 --     each call as one row; the generated column `records` counts a row's records,
 --     and the record column is lz4-compressed. Pending counts sum it.
+--   * meter.sessions.last_flush_id: the newest flushId of a run's records, which
+--     settles a session waiting for its consumers.
 -- tests/integration/upgrade.rs checks that an updated database has exactly the
 -- schema of a fresh 0.2.0 install.
 \echo Use "ALTER EXTENSION meter_ext UPDATE TO '0.2.0'" to load this file. \quit
+
+-- Before the views over meter.sessions are made again below.
+ALTER TABLE meter.sessions ADD COLUMN last_flush_id bigint;
 
 DROP INDEX meter.meters_due;
 CREATE INDEX meters_due ON meter.meters (stream_id, period_end, id) WHERE closed_at IS NULL;

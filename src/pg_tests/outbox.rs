@@ -149,6 +149,67 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_session_waiting_behind_another_settles_without_reading_its_records() {
+        let users: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
+        stream_with_expired_meters(&users.iter().map(String::as_str).collect::<Vec<_>>());
+        run("SELECT meter.register_consumer('billing', 's')");
+        process("s");
+        let first = last_session();
+        run("UPDATE meter.meters SET period_end = now() - interval '1 second' WHERE user_id IN ('u7', 'u8')");
+        process("s");
+        let second = last_session();
+        let ids = read("billing", 1000);
+        assert_eq!(ids.len(), 302);
+        // Each run knows the newest flush id of its records.
+        let last_flush_id = |session: i64| {
+            sql_i64(&format!(
+                "SELECT last_flush_id FROM meter.sessions WHERE id = {session}"
+            ))
+        };
+        assert_eq!((last_flush_id(first), last_flush_id(second)), (ids[299], ids[301]));
+
+        // Acknowledging the first run's records one page at a time: each ack checks
+        // both waiting sessions without reading the first one's records past the
+        // ack, where the second session's check used to walk them all.
+        for page in [0, 99, 199, 298] {
+            let before = outbox_rows_read();
+            run(&format!("SELECT meter.ack_flushed('billing', {})", ids[page]));
+            let read = outbox_rows_read() - before;
+            assert!(read <= 101, "an ack up to record {page} read {read} outbox rows");
+            assert_eq!(
+                (status(first), status(second)),
+                ("PUSH_COMPLETED".into(), "PUSH_COMPLETED".into())
+            );
+        }
+        run(&format!("SELECT meter.ack_flushed('billing', {})", ids[299]));
+        assert_eq!(
+            (status(first), status(second)),
+            ("COMPLETED".into(), "PUSH_COMPLETED".into())
+        );
+        run(&format!("SELECT meter.ack_flushed('billing', {})", ids[300]));
+        assert_eq!(status(second), "PUSH_COMPLETED");
+        run(&format!("SELECT meter.ack_flushed('billing', {})", ids[301]));
+        assert_eq!(status(second), "COMPLETED");
+    }
+
+    #[pg_test]
+    fn a_session_that_flushed_before_0_2_0_settles_by_reading_the_outbox() {
+        stream_with_expired_meters(&["a", "b"]);
+        run("SELECT meter.register_consumer('billing', 's')");
+        process("s");
+        let session = last_session();
+        // What a run of 0.1.0 left: no newest flush id.
+        run(&format!(
+            "UPDATE meter.sessions SET last_flush_id = NULL WHERE id = {session}"
+        ));
+        let ids = read("billing", 10);
+        run(&format!("SELECT meter.ack_flushed('billing', {})", ids[0]));
+        assert_eq!(status(session), "PUSH_COMPLETED");
+        run(&format!("SELECT meter.ack_flushed('billing', {})", ids[1]));
+        assert_eq!(status(session), "COMPLETED");
+    }
+
+    #[pg_test]
     fn reading_repeats_until_acknowledged_and_acks_only_move_forward() {
         stream_with_expired_meters(&["a", "b", "c"]);
         run("SELECT meter.register_consumer('billing', 's')");

@@ -147,3 +147,52 @@ fn an_updated_schema_equals_a_fresh_install() {
         "the update script misses {missing:#?}\nand leaves {extra:#?}"
     );
 }
+
+#[test]
+fn a_run_waiting_for_its_consumer_across_the_update_settles() {
+    let mut db = fresh_database_at("it_upgrade_settle", Some(FIRST_RELEASE));
+    let due = r#"UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day';
+                 SELECT meter.run_stream('api');"#;
+    db.batch_execute(
+        r#"SELECT meter.create_meter_type('calls', 'sum', '@daily');
+           SELECT meter.create_stream('api', '[{"name": "all", "meter_type": "calls"}]', auto_create_meters => true);
+           SELECT meter.register_consumer('billing', 'api');
+           SELECT meter.create_meter('api', 'calls', 'acme');"#,
+    )
+    .unwrap();
+    // This library flushes at 0.1.0, where meter.sessions has no last_flush_id.
+    db.batch_execute(due).unwrap();
+    let last_session = |db: &mut Client| -> (String, i64) {
+        let row = db
+            .query_one(
+                "SELECT status, (SELECT max(id) FROM meter.flushed) FROM meter.sessions ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let (status, flushed) = last_session(&mut db);
+    assert_eq!(status, "PUSH_COMPLETED");
+
+    db.batch_execute("ALTER EXTENSION meter_ext UPDATE").unwrap();
+    let recorded: Option<i64> = db
+        .query_one("SELECT last_flush_id FROM meter.sessions ORDER BY id DESC LIMIT 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, None, "flushed before the column existed");
+    // Settled by reading the outbox.
+    db.execute("SELECT meter.ack_flushed('billing', $1)", &[&flushed]).unwrap();
+    assert_eq!(last_session(&mut db).0, "COMPLETED");
+
+    // A run after the update records its newest flush id, and settles by it.
+    db.batch_execute(due).unwrap();
+    let (status, flushed) = last_session(&mut db);
+    assert_eq!(status, "PUSH_COMPLETED");
+    let recorded: Option<i64> = db
+        .query_one("SELECT last_flush_id FROM meter.sessions ORDER BY id DESC LIMIT 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, Some(flushed));
+    db.execute("SELECT meter.ack_flushed('billing', $1)", &[&flushed]).unwrap();
+    assert_eq!(last_session(&mut db).0, "COMPLETED");
+}
