@@ -15,6 +15,7 @@ use crate::catalog::{self, MeterTypeSettings};
 use crate::convert::{from_pg_micros, iso_utc, to_timestamptz};
 use crate::errors::Result;
 use crate::flushed_record::{MeterRecord, RecordContext, COLUMNS};
+use crate::gucs;
 use crate::locks;
 use crate::schedule::{period_after_flush_at, period_after_period_end, Period};
 use crate::sql;
@@ -370,19 +371,24 @@ fn apply(stream_id: i64, session_id: Option<i64>, c: Columns) -> Result<Written>
 /// Rings the `meter_flushed` doorbell for each record written, in flush-id order:
 /// the record's JSON with its flushId put first (the same JSON as merging it in),
 /// which `write_record(meter_id, first_field, out)` writes. A record too long for
-/// a notification rings with its ids only; under queue pressure the chunk rings
-/// once, naming its flush ids.
+/// a notification rings with its ids only. The chunk rings once, naming its flush
+/// ids, under queue pressure, or when its records would take the transaction past
+/// `meter_ext.notify_record_limit` records announced one by one.
 fn ring_doorbell(written: &Written, write_record: impl Fn(i64, &[u8], &mut Vec<u8>)) {
     let (Some(first), Some(last)) = (written.flush_ids.first(), written.flush_ids.last()) else {
         return;
     };
-    if written.queue_pressure {
+    let count = written.flush_ids.len();
+    let summary = if written.queue_pressure {
+        Some("queuePressure")
+    } else if !announce_one_by_one(count, gucs::NOTIFY_RECORD_LIMIT.get()) {
+        Some("recordLimit")
+    } else {
+        None
+    };
+    if let Some(reason) = summary {
         return notify(
-            &mut format!(
-                "{{\"count\": {}, \"flushIds\": [{first}, {last}], \"queuePressure\": true}}",
-                written.flush_ids.len()
-            )
-            .into_bytes(),
+            &mut format!("{{\"count\": {count}, \"flushIds\": [{first}, {last}], \"{reason}\": true}}").into_bytes(),
         );
     }
     let mut payload = Vec::new();
@@ -397,6 +403,27 @@ fn ring_doorbell(written: &Written, write_record: impl Fn(i64, &[u8], &mut Vec<u
         }
         notify(&mut payload);
     }
+}
+
+thread_local! {
+    /// Records announced one by one so far, and the local id of the transaction
+    /// that announced them.
+    static ANNOUNCED: std::cell::Cell<(pg_sys::LocalTransactionId, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Whether `count` more records may be announced one by one in this transaction,
+/// which then counts them: not if they would take it past `limit`. PostgreSQL
+/// holds every notification of a transaction in memory until it commits.
+fn announce_one_by_one(count: usize, limit: i32) -> bool {
+    // SAFETY: this backend's own PGPROC, set up before any SQL runs.
+    let transaction = unsafe { (*pg_sys::MyProc).lxid };
+    let (announced_in, announced) = ANNOUNCED.get();
+    let announced = if announced_in == transaction { announced } else { 0 };
+    let within = announced + count <= usize::try_from(limit).unwrap_or(0);
+    if within {
+        ANNOUNCED.set((transaction, announced + count));
+    }
+    within
 }
 
 /// NOTIFY payloads must be shorter than this many bytes.

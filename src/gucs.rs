@@ -14,6 +14,8 @@ pub static CHUNK_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Percent of the NOTIFY queue in use at which flushes stop announcing each record
 /// and ring the `meter_flushed` doorbell once per chunk instead.
 pub static NOTIFY_QUEUE_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(50);
+/// Flushed records a transaction announces one by one (`meter_ext.notify_record_limit`).
+pub static NOTIFY_RECORD_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// The database the background worker scans (it connects to one).
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -86,6 +88,16 @@ pub fn init() {
         &NOTIFY_QUEUE_LIMIT,
         0,
         100,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"meter_ext.notify_record_limit",
+        c"Flushed records a transaction announces one by one on meter_flushed; past them, each chunk rings once with its range of flush ids.",
+        c"PostgreSQL holds a transaction's notifications in memory until it commits, about 1 kB per record: a flush of a million meters in one transaction held a gigabyte. The outbox (meter.flushed) always holds every record.",
+        &NOTIFY_RECORD_LIMIT,
+        0,
+        i32::MAX,
         GucContext::Userset,
         GucFlags::default(),
     );

@@ -120,3 +120,59 @@ fn a_very_large_ingest_array_stays_within_bounded_memory() {
         assert_eq!(total, expected_total, "{stream}: metered total");
     }
 }
+
+/// A flush of many meters in one transaction (`run_stream`, or a scan at a month's
+/// end): PostgreSQL holds each notification in memory until the transaction
+/// commits, about 1 kB per record. Past `meter_ext.notify_record_limit` records the
+/// doorbell rings once per chunk, so the backend's memory stays bounded.
+#[test]
+fn a_large_flush_in_one_transaction_stays_within_bounded_memory() {
+    const METERS: i64 = 100_000;
+    let mut db = fresh_database("it_limits_large_flush");
+    db.batch_execute(
+        r#"SELECT meter.create_meter_type('calls', 'sum', '@daily');
+           SELECT meter.create_stream('s', '[{"name": "all", "meter_type": "calls", "group_by": ["region"]}]');"#,
+    )
+    .unwrap();
+    let due_meters = format!(
+        "INSERT INTO meter.meters (stream_id, meter_type_id, user_id, value, groups, carry_last, record_count,
+                                   aggregation, unit, timezone, period_start, period_end)
+         SELECT s.id, t.id, 'user-' || i, i % 1000,
+                jsonb_build_array(jsonb_build_object('key', 'region=eu', 'fields', jsonb_build_object('region', 'eu'),
+                                                     'value', i % 600)),
+                jsonb_build_object('plan', 'pro'), 7, t.aggregation, t.unit, t.timezone,
+                now() - interval '2 days', now() - interval '1 day'
+           FROM meter.streams s, meter.meter_types t, generate_series(1, {METERS}) i
+          WHERE s.name = 's' AND t.name = 'calls'"
+    );
+    let mut flush = |limit: i32| {
+        // The setting for peak_growth's new connection.
+        db.batch_execute(&format!(
+            "ALTER DATABASE it_limits_large_flush SET meter_ext.notify_record_limit = {limit};
+             TRUNCATE meter.flushed; DELETE FROM meter.meters; {due_meters}"
+        ))
+        .unwrap();
+        db.batch_execute("VACUUM ANALYZE meter.meters").unwrap();
+        let (growth, row) = peak_growth(
+            "it_limits_large_flush",
+            "SELECT meters_flushed FROM meter.run_stream('s')",
+        );
+        assert_eq!(row.get::<_, i64>(0), METERS);
+        growth
+    };
+    let bounded = flush(10_000);
+    let one_by_one = flush(i32::MAX);
+    println!(
+        "flush of {METERS} meters: peak growth {} MiB, {} MiB announcing every record",
+        bounded >> 20,
+        one_by_one >> 20
+    );
+    assert!(bounded < 48 << 20, "the backend grew by {} MiB", bounded >> 20);
+    // What the limit saves: the notifications of 90 000 records.
+    assert!(
+        one_by_one > bounded + (60 << 20),
+        "{} MiB with every record announced, {} MiB bounded",
+        one_by_one >> 20,
+        bounded >> 20
+    );
+}

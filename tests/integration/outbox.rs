@@ -195,3 +195,48 @@ fn under_queue_pressure_the_doorbell_rings_once_per_chunk_and_nothing_is_lost() 
     assert_eq!(covered[2].1, ids[20]);
     assert!(covered.windows(2).all(|w| w[0].1 < w[1].0));
 }
+
+/// Past `meter_ext.notify_record_limit` records announced one by one in a
+/// transaction, each further chunk rings once with its range (PostgreSQL holds a
+/// transaction's notifications in memory until it commits). The count starts again
+/// with each transaction.
+#[test]
+fn past_the_record_limit_a_transaction_rings_once_per_chunk() {
+    let mut db = fresh_database("it_outbox_record_limit");
+    setup(&mut db);
+    let mut listener = Listener::new("it_outbox_record_limit", &["meter_flushed"]);
+    db.batch_execute("SET meter_ext.notify_record_limit = 10; SET meter_ext.chunk_size = 8")
+        .unwrap();
+    for run in 0..2 {
+        expire_all(&mut db);
+        let after: i64 = db
+            .query_one("SELECT coalesce(max(id), 0) FROM meter.flushed", &[])
+            .unwrap()
+            .get(0);
+        db.query_one("SELECT meter.run_stream('s')", &[]).unwrap();
+        let ids: Vec<i64> = db
+            .query("SELECT id FROM meter.flushed WHERE id > $1 ORDER BY id", &[&after])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(ids.len(), 21, "run {run}: every flushed meter is in the outbox");
+        // 21 meters in chunks of 8: the first chunk's 8 records one by one (8 ≤ 10),
+        // then the chunks of 8 and 5 once each (16 and 13 would pass 10).
+        let payloads = listener.until(|p| p.len() == 10, Duration::from_secs(20));
+        let one_by_one: Vec<i64> = payloads[..8]
+            .iter()
+            .map(|(_, p)| p["flushId"].as_i64().unwrap())
+            .collect();
+        assert_eq!(one_by_one, ids[..8], "run {run}");
+        let summaries: Vec<&Value> = payloads[8..].iter().map(|(_, p)| p).collect();
+        assert_eq!(
+            summaries,
+            [
+                &json!({"count": 8, "flushIds": [ids[8], ids[15]], "recordLimit": true}),
+                &json!({"count": 5, "flushIds": [ids[16], ids[20]], "recordLimit": true}),
+            ],
+            "run {run}"
+        );
+    }
+}

@@ -181,7 +181,8 @@ fn a_run_waiting_for_its_consumer_across_the_update_settles() {
         .get(0);
     assert_eq!(recorded, None, "flushed before the column existed");
     // Settled by reading the outbox.
-    db.execute("SELECT meter.ack_flushed('billing', $1)", &[&flushed]).unwrap();
+    db.execute("SELECT meter.ack_flushed('billing', $1)", &[&flushed])
+        .unwrap();
     assert_eq!(last_session(&mut db).0, "COMPLETED");
 
     // A run after the update records its newest flush id, and settles by it.
@@ -193,6 +194,7 @@ fn a_run_waiting_for_its_consumer_across_the_update_settles() {
         .unwrap()
         .get(0);
     assert_eq!(recorded, Some(flushed));
-    db.execute("SELECT meter.ack_flushed('billing', $1)", &[&flushed]).unwrap();
+    db.execute("SELECT meter.ack_flushed('billing', $1)", &[&flushed])
+        .unwrap();
     assert_eq!(last_session(&mut db).0, "COMPLETED");
 }
