@@ -98,13 +98,19 @@ mod tests {
         )
     }
 
-    #[pg_test]
-    fn settling_a_session_reads_only_what_consumers_have_not_acknowledged() {
+    /// Users u0 … u299 with expired meters, consumer `billing`, and the run that
+    /// flushed them (waiting for the consumer): the users and the session.
+    fn a_run_of_300_meters_for_a_consumer() -> (Vec<String>, i64) {
         let users: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
         stream_with_expired_meters(&users.iter().map(String::as_str).collect::<Vec<_>>());
         run("SELECT meter.register_consumer('billing', 's')");
         process("s");
-        let flushed = last_session();
+        (users, last_session())
+    }
+
+    #[pg_test]
+    fn settling_a_session_reads_only_what_consumers_have_not_acknowledged() {
+        let (users, flushed) = a_run_of_300_meters_for_a_consumer();
         run("SELECT meter.ack_flushed('billing', (SELECT max(id) FROM meter.flushed))");
         assert_eq!(status(flushed), "COMPLETED");
 
@@ -150,11 +156,7 @@ mod tests {
 
     #[pg_test]
     fn a_session_waiting_behind_another_settles_without_reading_its_records() {
-        let users: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
-        stream_with_expired_meters(&users.iter().map(String::as_str).collect::<Vec<_>>());
-        run("SELECT meter.register_consumer('billing', 's')");
-        process("s");
-        let first = last_session();
+        let (_, first) = a_run_of_300_meters_for_a_consumer();
         run("UPDATE meter.meters SET period_end = now() - interval '1 second' WHERE user_id IN ('u7', 'u8')");
         process("s");
         let second = last_session();
