@@ -50,8 +50,20 @@ function follow(listener) {
   listener.on('notification', (note) => {
     const event = JSON.parse(note.payload);
     if (note.channel === 'meter_flushed') {
-      flushIds.push(event.flushId);
-      console.log(`  meter_flushed: flush ${event.flushId}, meter ${event.id} of ${event.userId}`);
+      if (event.flushIds) {
+        // One doorbell for a chunk (queue pressure, or past meter_ext.notify_record_limit
+        // records in one transaction): its records are in the outbox.
+        const [first, last] = event.flushIds;
+        for (let id = first; id <= last; id += 1) flushIds.push(id);
+        console.log(`  meter_flushed: flushes ${first} to ${last}`);
+      } else if (event.truncated) {
+        // Too long for NOTIFY: the record is in the outbox.
+        flushIds.push(event.flushId);
+        console.log(`  meter_flushed: flush ${event.flushId}, meter ${event.meterId}`);
+      } else {
+        flushIds.push(event.flushId);
+        console.log(`  meter_flushed: flush ${event.flushId}, meter ${event.id} of ${event.userId}`);
+      }
     } else if (event.streamName === STREAM) {
       console.log(`  meter_session_status: ${event.sessionPreviousStatus} -> ${event.sessionStatus}`);
       if (waiting && waiting.status === event.sessionStatus) {

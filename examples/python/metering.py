@@ -51,8 +51,19 @@ def drain(listener, until_status=None):
     for note in listener.notifies(timeout=1 if until_status is None else 10):
         event = json.loads(note.payload)
         if note.channel == "meter_flushed":
-            flush_ids.append(event["flushId"])
-            print(f"  meter_flushed: flush {event['flushId']}, meter {event['id']} of {event['userId']}")
+            if "flushIds" in event:
+                # One doorbell for a chunk (queue pressure, or past meter_ext.notify_record_limit
+                # records in one transaction): its records are in the outbox.
+                first, last = event["flushIds"]
+                flush_ids.extend(range(first, last + 1))
+                print(f"  meter_flushed: flushes {first} to {last}")
+            elif event.get("truncated"):
+                # Too long for NOTIFY: the record is in the outbox.
+                flush_ids.append(event["flushId"])
+                print(f"  meter_flushed: flush {event['flushId']}, meter {event['meterId']}")
+            else:
+                flush_ids.append(event["flushId"])
+                print(f"  meter_flushed: flush {event['flushId']}, meter {event['id']} of {event['userId']}")
         elif event["streamName"] == STREAM:
             print(f"  meter_session_status: {event['sessionPreviousStatus']} -> {event['sessionStatus']}")
             if event["sessionStatus"] == until_status:
