@@ -240,15 +240,19 @@ pub fn last_flush_id(id: i64) -> Result<Option<i64>> {
 }
 
 thread_local! {
-    /// Whether meter.sessions has last_flush_id, once seen.
-    static HAS_LAST_FLUSH_ID: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The extension (its oid) whose meter.sessions was seen to have last_flush_id.
+    static HAS_LAST_FLUSH_ID: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
 }
 
 /// Whether this database's meter.sessions has `last_flush_id` (0.2.0 on): a 0.1.0
 /// schema keeps working with this library until `ALTER EXTENSION meter_ext
-/// UPDATE`, its sessions settled by reading the outbox. Remembered once true.
+/// UPDATE`, its sessions settled by reading the outbox. Remembered once true, for
+/// this installation of the extension (dropped and created again, it is asked
+/// again).
 fn has_last_flush_id() -> Result<bool> {
-    if HAS_LAST_FLUSH_ID.get() {
+    // SAFETY: a catalog lookup by name; missing_ok, so no ERROR.
+    let extension = unsafe { pg_sys::get_extension_oid(c"meter_ext".as_ptr(), true) };
+    if extension != pg_sys::InvalidOid && HAS_LAST_FLUSH_ID.get() == extension {
         return Ok(true);
     }
     let has = sql::one::<bool>(
@@ -258,7 +262,9 @@ fn has_last_flush_id() -> Result<bool> {
         &[],
     )?
     .unwrap_or(false);
-    HAS_LAST_FLUSH_ID.set(has);
+    if has {
+        HAS_LAST_FLUSH_ID.set(extension);
+    }
     Ok(has)
 }
 

@@ -198,3 +198,36 @@ fn a_run_waiting_for_its_consumer_across_the_update_settles() {
         .unwrap();
     assert_eq!(last_session(&mut db).0, "COMPLETED");
 }
+
+/// A backend remembers that its installation has `last_flush_id`; one that saw it,
+/// then meets a 0.1.0 installation made anew in the same database, asks again.
+#[test]
+fn a_backend_that_saw_the_new_schema_runs_on_an_old_one_installed_after() {
+    let mut db = fresh_database_at("it_upgrade_reinstall", None);
+    let run_waiting_for_a_consumer = |db: &mut Client| -> String {
+        db.batch_execute(
+            r#"SELECT meter.create_meter_type('calls', 'sum', '@daily');
+               SELECT meter.create_stream('api', '[{"name": "all", "meter_type": "calls"}]');
+               SELECT meter.register_consumer('billing', 'api');
+               SELECT meter.create_meter('api', 'calls', 'acme');
+               UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day';"#,
+        )
+        .unwrap();
+        db.query_one("SELECT status FROM meter.run_stream('api')", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(run_waiting_for_a_consumer(&mut db), "PUSH_COMPLETED");
+    db.batch_execute(&format!(
+        "DROP EXTENSION meter_ext CASCADE; CREATE EXTENSION meter_ext VERSION '{FIRST_RELEASE}'"
+    ))
+    .unwrap();
+    assert_eq!(run_waiting_for_a_consumer(&mut db), "PUSH_COMPLETED");
+    db.batch_execute("SELECT meter.ack_flushed('billing', (SELECT max(id) FROM meter.flushed))")
+        .unwrap();
+    let status: String = db
+        .query_one("SELECT status FROM meter.sessions ORDER BY id DESC LIMIT 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "COMPLETED");
+}
