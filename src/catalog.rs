@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 use crate::aggregate::Aggregation;
 use crate::convert::{to_timestamp, to_timestamptz, transaction_now};
 use crate::errors::{MeterError, Result};
-use crate::locks::{self, Settings, ID_KEY_SQL};
+use crate::locks::{self, id_key_sql, Settings, ID_KEY_SQL};
 use crate::record::FieldMap;
 use crate::record::FieldPath;
 use crate::rules::RuleSet;
@@ -571,9 +571,11 @@ pub fn load_stream(name: &str) -> Result<Stream> {
         Spi::connect_mut(|client| -> Result<_> {
             let table = sql::run(
                 client,
-                &format!(
+                concat!(
                     "SELECT id, name, mode, flush_by, guiding_rules, user_id_field, value_field, timestamp_field,
-                            id_field, auto_create_meters, audit, pg_catalog.pg_try_advisory_xact_lock_shared($2, {ID_KEY_SQL})
+                            id_field, auto_create_meters, audit, pg_catalog.pg_try_advisory_xact_lock_shared($2, ",
+                    id_key_sql!(),
+                    ")
                        FROM meter.streams WHERE name = $1"
                 ),
                 &[name.into(), Settings::Stream.key().into()],

@@ -11,11 +11,19 @@ pub const NAMESPACE: i32 = 0x6d65_7472;
 /// Second key of the outbox lock; streams use their id (from 1, `id_key`).
 const OUTBOX: i64 = 0;
 
-/// The second key (an int4) of a row's lock: its id's low 31 bits, which is the id
-/// itself below 2^31. Ids 2^31 apart share a lock, which only makes one wait for
-/// the other; a plain `id::int` would fail every call past 2^31 with "integer out
-/// of range".
-pub const ID_KEY_SQL: &str = "(id & 2147483647)::int";
+/// The second key (an int4) of a row's lock, in SQL over the row's `id` (`id_key`
+/// in Rust): its low 31 bits, which is the id itself below 2^31. Ids 2^31 apart
+/// share a lock, which only makes one wait for the other; a plain `id::int` would
+/// fail every call past 2^31 with "integer out of range". A macro, so that
+/// statements can `concat!` it into a literal.
+macro_rules! id_key_sql {
+    () => {
+        "(id & 2147483647)::int"
+    };
+}
+pub(crate) use id_key_sql;
+/// The same, for `format!`.
+pub const ID_KEY_SQL: &str = id_key_sql!();
 
 fn id_key(id: i64) -> i32 {
     (id & 0x7fff_ffff) as i32
@@ -49,7 +57,7 @@ impl Settings {
 }
 
 /// Reads settings share-locked. `read` runs one statement that returns each row
-/// with its id and `pg_try_advisory_xact_lock_shared(settings.key(), ID_KEY_SQL)`
+/// with its id and `pg_try_advisory_xact_lock_shared(settings.key(), id_key_sql!())`
 /// (whether the lock was had without waiting). If a change holds some row's lock,
 /// this waits for it and reads again: the first read may predate the change. (A
 /// change that commits between the statement's start and its lock, microseconds,
