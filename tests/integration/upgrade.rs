@@ -148,54 +148,69 @@ fn an_updated_schema_equals_a_fresh_install() {
     );
 }
 
-#[test]
-fn a_run_waiting_for_its_consumer_across_the_update_settles() {
-    let mut db = fresh_database_at("it_upgrade_settle", Some(FIRST_RELEASE));
-    let due = r#"UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day';
-                 SELECT meter.run_stream('api');"#;
+/// Stream `api` whose consumer `billing` every run with a flush waits for, and a
+/// daily meter of acme.
+fn stream_with_a_consumer(db: &mut Client) {
     db.batch_execute(
         r#"SELECT meter.create_meter_type('calls', 'sum', '@daily');
-           SELECT meter.create_stream('api', '[{"name": "all", "meter_type": "calls"}]', auto_create_meters => true);
+           SELECT meter.create_stream('api', '[{"name": "all", "meter_type": "calls"}]');
            SELECT meter.register_consumer('billing', 'api');
            SELECT meter.create_meter('api', 'calls', 'acme');"#,
     )
     .unwrap();
+}
+
+/// Ends acme's period and runs the stream, which flushes it. Returns the last
+/// session's status, its `last_flush_id` (read so that a 0.1.0 schema, without
+/// the column, answers NULL) and the newest flush id.
+fn run_with_a_flush(db: &mut Client) -> (String, Option<i64>, i64) {
+    db.batch_execute(
+        "UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day';
+         SELECT meter.run_stream('api');",
+    )
+    .unwrap();
+    last_session(db)
+}
+
+fn last_session(db: &mut Client) -> (String, Option<i64>, i64) {
+    let row = db
+        .query_one(
+            "SELECT s.status, (pg_catalog.to_jsonb(s) ->> 'last_flush_id')::bigint,
+                    (SELECT max(id) FROM meter.flushed)
+               FROM meter.sessions s ORDER BY s.id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+fn ack_all(db: &mut Client) {
+    db.batch_execute("SELECT meter.ack_flushed('billing', (SELECT max(id) FROM meter.flushed))")
+        .unwrap();
+}
+
+#[test]
+fn a_run_waiting_for_its_consumer_across_the_update_settles() {
+    let mut db = fresh_database_at("it_upgrade_settle", Some(FIRST_RELEASE));
+    stream_with_a_consumer(&mut db);
     // This library flushes at 0.1.0, where meter.sessions has no last_flush_id.
-    db.batch_execute(due).unwrap();
-    let last_session = |db: &mut Client| -> (String, i64) {
-        let row = db
-            .query_one(
-                "SELECT status, (SELECT max(id) FROM meter.flushed) FROM meter.sessions ORDER BY id DESC LIMIT 1",
-                &[],
-            )
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
-    let (status, flushed) = last_session(&mut db);
-    assert_eq!(status, "PUSH_COMPLETED");
+    assert_eq!(run_with_a_flush(&mut db).0, "PUSH_COMPLETED");
 
     db.batch_execute("ALTER EXTENSION meter_ext UPDATE").unwrap();
-    let recorded: Option<i64> = db
-        .query_one("SELECT last_flush_id FROM meter.sessions ORDER BY id DESC LIMIT 1", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(recorded, None, "flushed before the column existed");
+    let (status, recorded, _) = last_session(&mut db);
+    assert_eq!(
+        (status.as_str(), recorded),
+        ("PUSH_COMPLETED", None),
+        "flushed before the column existed"
+    );
     // Settled by reading the outbox.
-    db.execute("SELECT meter.ack_flushed('billing', $1)", &[&flushed])
-        .unwrap();
+    ack_all(&mut db);
     assert_eq!(last_session(&mut db).0, "COMPLETED");
 
     // A run after the update records its newest flush id, and settles by it.
-    db.batch_execute(due).unwrap();
-    let (status, flushed) = last_session(&mut db);
-    assert_eq!(status, "PUSH_COMPLETED");
-    let recorded: Option<i64> = db
-        .query_one("SELECT last_flush_id FROM meter.sessions ORDER BY id DESC LIMIT 1", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(recorded, Some(flushed));
-    db.execute("SELECT meter.ack_flushed('billing', $1)", &[&flushed])
-        .unwrap();
+    let (status, recorded, flushed) = run_with_a_flush(&mut db);
+    assert_eq!((status.as_str(), recorded), ("PUSH_COMPLETED", Some(flushed)));
+    ack_all(&mut db);
     assert_eq!(last_session(&mut db).0, "COMPLETED");
 }
 
@@ -204,30 +219,15 @@ fn a_run_waiting_for_its_consumer_across_the_update_settles() {
 #[test]
 fn a_backend_that_saw_the_new_schema_runs_on_an_old_one_installed_after() {
     let mut db = fresh_database_at("it_upgrade_reinstall", None);
-    let run_waiting_for_a_consumer = |db: &mut Client| -> String {
-        db.batch_execute(
-            r#"SELECT meter.create_meter_type('calls', 'sum', '@daily');
-               SELECT meter.create_stream('api', '[{"name": "all", "meter_type": "calls"}]');
-               SELECT meter.register_consumer('billing', 'api');
-               SELECT meter.create_meter('api', 'calls', 'acme');
-               UPDATE meter.meters SET period_start = now() - interval '2 days', period_end = now() - interval '1 day';"#,
-        )
-        .unwrap();
-        db.query_one("SELECT status FROM meter.run_stream('api')", &[])
-            .unwrap()
-            .get(0)
-    };
-    assert_eq!(run_waiting_for_a_consumer(&mut db), "PUSH_COMPLETED");
+    stream_with_a_consumer(&mut db);
+    let (status, recorded, flushed) = run_with_a_flush(&mut db);
+    assert_eq!((status.as_str(), recorded), ("PUSH_COMPLETED", Some(flushed)));
     db.batch_execute(&format!(
         "DROP EXTENSION meter_ext CASCADE; CREATE EXTENSION meter_ext VERSION '{FIRST_RELEASE}'"
     ))
     .unwrap();
-    assert_eq!(run_waiting_for_a_consumer(&mut db), "PUSH_COMPLETED");
-    db.batch_execute("SELECT meter.ack_flushed('billing', (SELECT max(id) FROM meter.flushed))")
-        .unwrap();
-    let status: String = db
-        .query_one("SELECT status FROM meter.sessions ORDER BY id DESC LIMIT 1", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(status, "COMPLETED");
+    stream_with_a_consumer(&mut db);
+    assert_eq!(run_with_a_flush(&mut db).0, "PUSH_COMPLETED");
+    ack_all(&mut db);
+    assert_eq!(last_session(&mut db).0, "COMPLETED");
 }
