@@ -178,6 +178,38 @@ queued=$(sql "SELECT sum(records) FROM meter.usage WHERE stream = 'bench_ingest'
 row "ingest, arrays of $INGEST_BATCH" "$ingest" "$copy" "COPY into a jsonb table" "$RECORDS" 1.25
 sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
 
+# ---- ingest of random ids ----------------------------------------------------------
+# The same records with random ids (UUIDs, from md5: the same every run), into a
+# stream that already metered 3 × $RECORDS other random ids. No stretch of the index
+# answers for a call's ids, so each is looked up: once as shipped, once with
+# meter_ext.ingest_checks_metered_ids off (ids left to the run).
+say "ingest of random ids, $((3 * RECORDS)) ids metered"
+sql "SELECT meter.create_stream('bench_uuid', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
+sql "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at)
+     SELECT s.id, md5('metered' || n)::uuid::text, now()
+       FROM meter.streams s, generate_series(1, 3 * $RECORDS) n WHERE s.name = 'bench_uuid'" >/dev/null
+vacuum meter.dedupe_keys
+uuids="$dir/uuids.ndjson"
+sql "COPY (SELECT record || jsonb_build_object('id', md5('record' || i)::uuid::text) FROM bench.records ORDER BY i)
+     TO STDOUT" >"$uuids"
+ucopy="" uchecked="" uunchecked=""
+for round in $(seq "$ROUNDS"); do
+    for checks in on off; do
+        sql "TRUNCATE bench.copy_target" >/dev/null
+        sql "DELETE FROM meter.usage WHERE stream = 'bench_uuid'" >/dev/null
+        vacuum "bench.copy_target, meter.usage"
+        ucopy=$(least "$ucopy" "$(bench/ingest.py "$port" "$uuids" copy)")
+        read -r seconds accepted < <(PGOPTIONS="-c meter_ext.ingest_checks_metered_ids=$checks" \
+            bench/ingest.py "$port" "$uuids" ingest bench_uuid "$INGEST_BATCH")
+        [ "$accepted" = "$RECORDS" ] || { echo "ingest accepted $accepted of $RECORDS random ids" >&2; exit 1; }
+        if [ "$checks" = on ]; then uchecked=$(least "$uchecked" "$seconds"); else uunchecked=$(least "$uunchecked" "$seconds"); fi
+    done
+done
+row "ingest, random ids" "$uchecked" "$ucopy" "COPY into a jsonb table" "$RECORDS" 1.25
+row "  the same, ids left to the run" "$uunchecked" "$ucopy" "COPY into a jsonb table" "$RECORDS" 1.25
+sql "SELECT meter.drop_stream('bench_uuid', cascade => true)" >/dev/null   # and its ids
+vacuum "meter.dedupe_keys, meter.usage, bench.copy_target"
+
 # ---- period-end flush ------------------------------------------------------------
 sql "SELECT meter.create_stream('bench_flush', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
 # Each round flushes a fresh set of due meters, both ways; each side keeps its best.

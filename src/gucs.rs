@@ -16,6 +16,9 @@ pub static CHUNK_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static NOTIFY_QUEUE_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(50);
 /// Flushed records a transaction announces one by one (`meter_ext.notify_record_limit`).
 pub static NOTIFY_RECORD_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// Whether `meter.ingest` into a batch stream looks its record ids up among those
+/// already metered (`meter_ext.ingest_checks_metered_ids`).
+pub static INGEST_CHECKS_METERED_IDS: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// The database the background worker scans (it connects to one).
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -101,6 +104,14 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"meter_ext.ingest_checks_metered_ids",
+        c"Whether meter.ingest into a batch stream looks each record id up among the ids already metered, to report those duplicates at once.",
+        c"Off: ingest reports only ids repeated within the call; the run still counts every duplicate once, so meters are the same either way. Each lookup is an index descent: with random ids (UUIDs) and millions of ids metered, most of ingest's time.",
+        &INGEST_CHECKS_METERED_IDS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     unsafe {
         let prefix = CString::new("meter_ext").unwrap();
         pgrx::pg_sys::MarkGUCPrefixReserved(prefix.as_ptr());
@@ -113,6 +124,10 @@ pub fn future_tolerance() -> SignedDuration {
 
 pub fn dedupe_retention() -> SignedDuration {
     SignedDuration::from_secs(DEDUPE_RETENTION.get() as i64)
+}
+
+pub fn ingest_checks_metered_ids() -> bool {
+    INGEST_CHECKS_METERED_IDS.get()
 }
 
 pub fn chunk_size() -> i64 {

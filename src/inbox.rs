@@ -145,8 +145,9 @@ const ELEMENTS: &str =
 
 /// Queues records for a batch run. Records that can never be metered (not an
 /// object, no user id, bad timestamp…) are rejected now; records whose id was
-/// already metered are reported as duplicates, and queued anyway so that the run
-/// counts them in its session. The records go to the inbox as PostgreSQL parsed
+/// already metered are reported as duplicates (unless
+/// `meter_ext.ingest_checks_metered_ids` is off), and queued anyway so that the
+/// run counts them in its session. The records go to the inbox as PostgreSQL parsed
 /// them: only the fields checked here are read.
 pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     let clock = Clock {
@@ -182,8 +183,13 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     let with_repeats = ids.len();
     ids.dedup();
     let repeated = (with_repeats - ids.len()) as i64;
-    let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
-    let already_metered = dedupe::metered_among(stream.id, &ids, forget_before, gucs::chunk_len())?.len() as i64;
+    let already_metered = if gucs::ingest_checks_metered_ids() {
+        let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
+        dedupe::metered_among(stream.id, &ids, forget_before, gucs::chunk_len())?.len() as i64
+    } else {
+        // Left to the run, which counts them all the same.
+        0
+    };
     let rejected = rejected_at.len() as i64;
     // Generic plans: a custom plan would copy the whole argument into each plan.
     sql::with_generic_plans(|| -> Result<()> {

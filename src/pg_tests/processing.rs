@@ -540,6 +540,34 @@ mod tests {
         assert_eq!(value_of("u", "calls").as_deref(), Some("16"));
     }
 
+    #[pg_test]
+    fn ingest_can_leave_metered_ids_to_the_run() {
+        dedupe_stream();
+        let record = |id: &str| json!({"userId": "u", "id": id, "value": 1});
+        ingest("s", record("a"));
+        process("s");
+        run("SET LOCAL meter_ext.ingest_checks_metered_ids = off");
+        let scans = dedupe_index_scans();
+        assert_eq!(
+            ingest("s", json!([record("a"), record("a"), record("b")])),
+            (2, 1, 0),
+            "only the id repeated within the call is reported"
+        );
+        assert_eq!(dedupe_index_scans(), scans, "no metered id looked up");
+        // The run counts the metered id as a duplicate all the same.
+        assert_eq!(
+            process("s"),
+            Counts {
+                metered: 1,
+                duplicates: 2,
+                rejected: 0
+            }
+        );
+        assert_eq!(value_of("u", "calls").as_deref(), Some("2"));
+        run("RESET meter_ext.ingest_checks_metered_ids");
+        assert_eq!(ingest("s", record("b")), (0, 1, 0), "on again: looked up");
+    }
+
     /// Index scans of meter.dedupe_keys so far in this transaction.
     fn dedupe_index_scans() -> i64 {
         sql_i64(
