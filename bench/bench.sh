@@ -94,6 +94,33 @@ reset_baseline() {
          UPDATE bench.meters SET value = CASE WHEN kind = 'conc' THEN NULL ELSE 0 END, carry_last = NULL, record_count = 0" >/dev/null
     vacuum bench.meters
 }
+# bench --check: the stream's meters equal the set-based baseline's (value, groups and
+# carried plan of every meter) and their audit. $1 names the records.
+check_meters() {
+    mismatches=$(sql "
+        WITH ours AS (
+            SELECT m.user_id, CASE t.name WHEN 'calls' THEN 'call' WHEN 'bytes' THEN 'xfer' ELSE 'conc' END AS kind,
+                   m.value, m.carry_last, m.groups
+              FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id
+              JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench'),
+        theirs AS (
+            SELECT b.user_id, b.kind, b.value, coalesce(b.carry_last, '{}') AS carry_last,
+                   coalesce((SELECT jsonb_agg(jsonb_build_object('key', 'region=' || g.region,
+                                                                 'fields', jsonb_build_object('region', g.region),
+                                                                 'value', g.value) ORDER BY 'region=' || g.region)
+                               FROM bench.meter_groups g WHERE g.user_id = b.user_id AND g.kind = b.kind), '[]') AS groups
+              FROM bench.meters b)
+        SELECT count(*) FROM ours FULL JOIN theirs USING (user_id, kind)
+         WHERE ours.value IS DISTINCT FROM theirs.value OR ours.carry_last IS DISTINCT FROM theirs.carry_last
+            OR ours.groups IS DISTINCT FROM theirs.groups")
+    checked=$(sql "SELECT count(*) FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench' AND m.record_count > 0")
+    verified=$(sql "SELECT count(*) FROM meter.verify_meters('bench') WHERE NOT matches")
+    if [ "$mismatches" != 0 ] || [ "$verified" != 0 ] || [ "$checked" = 0 ]; then
+        echo "bench --check ($1): $mismatches meter(s) differ from the set-based baseline, $verified from their audit (of $checked)" >&2
+        exit 1
+    fi
+    echo "bench --check ($1): all $checked metered meters equal the set-based baseline and their audit" >&2
+}
 # Each side's best of $ROUNDS rounds: on a shared machine one run of either can be
 # 20% slower than the next.
 baseline="" ours_audit="" ours_plain="" ours_single=""
@@ -109,32 +136,7 @@ for round in $(seq "$ROUNDS"); do
     fill_inbox
     t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
     ours_audit=$(least "$ours_audit" "$(elapsed "$t0" "$t1")")
-    if [ "$CHECK" ] && [ "$round" = 1 ]; then
-        # Same meters as the baseline: value, groups and the carried plan of every meter.
-        mismatches=$(sql "
-            WITH ours AS (
-                SELECT m.user_id, CASE t.name WHEN 'calls' THEN 'call' WHEN 'bytes' THEN 'xfer' ELSE 'conc' END AS kind,
-                       m.value, m.carry_last, m.groups
-                  FROM meter.meters m JOIN meter.meter_types t ON t.id = m.meter_type_id
-                  JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench'),
-            theirs AS (
-                SELECT b.user_id, b.kind, b.value, coalesce(b.carry_last, '{}') AS carry_last,
-                       coalesce((SELECT jsonb_agg(jsonb_build_object('key', 'region=' || g.region,
-                                                                     'fields', jsonb_build_object('region', g.region),
-                                                                     'value', g.value) ORDER BY 'region=' || g.region)
-                                   FROM bench.meter_groups g WHERE g.user_id = b.user_id AND g.kind = b.kind), '[]') AS groups
-                  FROM bench.meters b)
-            SELECT count(*) FROM ours FULL JOIN theirs USING (user_id, kind)
-             WHERE ours.value IS DISTINCT FROM theirs.value OR ours.carry_last IS DISTINCT FROM theirs.carry_last
-                OR ours.groups IS DISTINCT FROM theirs.groups")
-        checked=$(sql "SELECT count(*) FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench' AND m.record_count > 0")
-        verified=$(sql "SELECT count(*) FROM meter.verify_meters('bench') WHERE NOT matches")
-        if [ "$mismatches" != 0 ] || [ "$verified" != 0 ] || [ "$checked" = 0 ]; then
-            echo "bench --check: $mismatches meter(s) differ from the set-based baseline, $verified from their audit (of $checked)" >&2
-            exit 1
-        fi
-        echo "bench --check: all $checked metered meters equal the set-based baseline and their audit" >&2
-    fi
+    [ "$CHECK" ] && [ "$round" = 1 ] && check_meters "benchmark ids"
     reset_meters
     fill_inbox
     sql "SELECT meter.alter_stream('bench', audit => false)" >/dev/null
@@ -147,6 +149,33 @@ for round in $(seq "$ROUNDS"); do
     ours_single=$(least "$ours_single" "$(elapsed "$t0" "$t1")")
 done
 
+# ---- batch processing of random ids -------------------------------------------------
+# The same records with random ids (UUIDs, from md5: the same every run), run by a
+# stream that already metered 3 × $RECORDS other random ids, against the baseline
+# whose table of seen ids holds the same. Every id is then looked up and inserted
+# apart, on both sides. One round each: the setup takes longer than the runs.
+say "batch processing of random ids, $((3 * RECORDS)) ids metered"
+sql "CREATE TABLE bench.random_ids AS
+     SELECT i, record || jsonb_build_object('id', md5('record' || i)::uuid::text) AS record FROM bench.records;
+     CREATE TABLE bench.random_metered AS SELECT md5('metered' || n)::uuid::text AS id FROM generate_series(1, 3 * $RECORDS) n" >/dev/null
+reset_baseline
+sql "INSERT INTO bench.seen (id) SELECT id FROM bench.random_metered;
+     INSERT INTO bench.inbox (record) SELECT record FROM bench.random_ids ORDER BY i" >/dev/null
+vacuum "bench.seen, bench.inbox"
+t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
+random_baseline=$(elapsed "$t0" "$t1")
+reset_meters
+sql "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at)
+     SELECT s.id, m.id, now() FROM meter.streams s, bench.random_metered m WHERE s.name = 'bench';
+     INSERT INTO meter.usage (stream, record)
+     SELECT 'bench', jsonb_agg(record ORDER BY i) FROM bench.random_ids GROUP BY (i - 1) / $INGEST_BATCH ORDER BY 1" >/dev/null
+vacuum "meter.dedupe_keys, meter.usage"
+t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
+random_ours=$(elapsed "$t0" "$t1")
+[ "$CHECK" ] && check_meters "random ids"
+reset_meters
+reset_baseline
+
 sql "TRUNCATE bench.seen" >/dev/null
 t0=$(now); sql "INSERT INTO bench.trigger_inbox SELECT record FROM bench.records WHERE i <= $TRIGGER_RECORDS" >/dev/null; t1=$(now)
 trigger=$(awk -v s="$(elapsed "$t0" "$t1")" 'BEGIN { printf "%.3f", s * '"$RECORDS"' / '"$TRIGGER_RECORDS"' }')
@@ -155,6 +184,7 @@ row "batch run_stream, with audit" "$ours_audit" "$baseline" "set-based SQL upse
 row "batch run_stream, without audit" "$ours_plain" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
 row "batch run_stream, with audit" "$ours_audit" "$trigger" "per-row trigger (scaled)" "$RECORDS" 0.1
 row "  the same, a record per inbox row" "$ours_single" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
+row "  the same, random ids (1 round)" "$random_ours" "$random_baseline" "set-based, random ids" "$RECORDS" 1.0
 
 # ---- ingest ----------------------------------------------------------------------
 # One client (bench/ingest.py, psycopg 3) sends the same records both ways: COPY
@@ -186,12 +216,10 @@ sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
 say "ingest of random ids, $((3 * RECORDS)) ids metered"
 sql "SELECT meter.create_stream('bench_uuid', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
 sql "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at)
-     SELECT s.id, md5('metered' || n)::uuid::text, now()
-       FROM meter.streams s, generate_series(1, 3 * $RECORDS) n WHERE s.name = 'bench_uuid'" >/dev/null
+     SELECT s.id, m.id, now() FROM meter.streams s, bench.random_metered m WHERE s.name = 'bench_uuid'" >/dev/null
 vacuum meter.dedupe_keys
 uuids="$dir/uuids.ndjson"
-sql "COPY (SELECT record || jsonb_build_object('id', md5('record' || i)::uuid::text) FROM bench.records ORDER BY i)
-     TO STDOUT" >"$uuids"
+sql "COPY (SELECT record FROM bench.random_ids ORDER BY i) TO STDOUT" >"$uuids"
 ucopy="" uchecked="" uunchecked=""
 for round in $(seq "$ROUNDS"); do
     for checks in on off; do
