@@ -221,12 +221,14 @@ vacuum meter.dedupe_keys
 uuids="$dir/uuids.ndjson"
 sql "COPY (SELECT record FROM bench.random_ids ORDER BY i) TO STDOUT" >"$uuids"
 ucopy="" uchecked="" uunchecked=""
-for round in $(seq "$ROUNDS"); do
+# Best of two rounds (not $ROUNDS): this part would otherwise take a minute and a half.
+for round in $(seq $((ROUNDS < 2 ? ROUNDS : 2))); do
+    sql "TRUNCATE bench.copy_target" >/dev/null
+    vacuum bench.copy_target
+    ucopy=$(least "$ucopy" "$(bench/ingest.py "$port" "$uuids" copy)")
     for checks in on off; do
-        sql "TRUNCATE bench.copy_target" >/dev/null
         sql "DELETE FROM meter.usage WHERE stream = 'bench_uuid'" >/dev/null
-        vacuum "bench.copy_target, meter.usage"
-        ucopy=$(least "$ucopy" "$(bench/ingest.py "$port" "$uuids" copy)")
+        vacuum meter.usage
         read -r seconds accepted < <(PGOPTIONS="-c meter_ext.ingest_checks_metered_ids=$checks" \
             bench/ingest.py "$port" "$uuids" ingest bench_uuid "$INGEST_BATCH")
         [ "$accepted" = "$RECORDS" ] || { echo "ingest accepted $accepted of $RECORDS random ids" >&2; exit 1; }
@@ -235,8 +237,9 @@ for round in $(seq "$ROUNDS"); do
 done
 row "ingest, random ids" "$uchecked" "$ucopy" "COPY into a jsonb table" "$RECORDS" 1.25
 row "  the same, ids left to the run" "$uunchecked" "$ucopy" "COPY into a jsonb table" "$RECORDS" 1.25
-sql "SELECT meter.drop_stream('bench_uuid', cascade => true)" >/dev/null   # and its ids
-vacuum "meter.dedupe_keys, meter.usage, bench.copy_target"
+# Only bench_uuid has ids now: emptying the table beats deleting 3 × $RECORDS rows.
+sql "TRUNCATE meter.dedupe_keys; SELECT meter.drop_stream('bench_uuid', cascade => true)" >/dev/null
+vacuum "meter.usage, bench.copy_target"
 
 # ---- period-end flush ------------------------------------------------------------
 sql "SELECT meter.create_stream('bench_flush', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
