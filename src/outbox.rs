@@ -75,32 +75,18 @@ pub fn ack(name: &str, up_to: i64) -> Result<i64> {
     Ok(acked)
 }
 
-/// A session whose push completed: COMPLETED when the stream has no consumer;
-/// CONSUME_COMPLETED then COMPLETED once every consumer has acknowledged all its
-/// records; otherwise it waits in PUSH_COMPLETED.
-///
-/// A session that flushed nothing (its counts say so) is consumed at once. One
-/// that did is consumed once the slowest consumer's acknowledgement reaches its
-/// newest flush id (`sessions::last_flush_id`): one comparison, whatever the
-/// backlog, so a consumer catching up on a long outbox is not slowed by the
-/// sessions waiting for it. A session that flushed only before 0.2.0 has no such
-/// id; for it, "all its records" is asked as "none of them past the slowest
-/// consumer's acknowledgement", along the stream's outbox index `(stream_id, id)`
-/// from that point: the row comparison starts the scan there, and fits that index
-/// only.
-pub fn settle(session_id: i64) -> Result<()> {
-    let state = sql::by_index_lookups(|| {
-        sql::one::<String>(
+/// `settle`'s statement, with `$by_last_flush_id` (a `WHEN` branch, or nothing on
+/// a 0.1.0 schema, which lacks the column) before the outbox is read.
+macro_rules! settle_query {
+    ($by_last_flush_id:literal) => {
+        concat!(
             "SELECT CASE
                         WHEN NOT EXISTS (SELECT FROM meter.consumers c WHERE c.stream_id = s.stream_id) THEN 'none'
                         WHEN s.meters_flushed + (SELECT coalesce(sum(k.meters_flushed), 0)
                                                    FROM meter.session_counters k WHERE k.session_id = s.id) = 0
-                        THEN 'consumed'
-                        WHEN $2::bigint IS NOT NULL
-                        THEN CASE WHEN $2 <= (SELECT min(c.acked_flush_id) FROM meter.consumers c
-                                               WHERE c.stream_id = s.stream_id)
-                                  THEN 'consumed' ELSE 'waiting' END
-                        WHEN NOT EXISTS (
+                        THEN 'consumed' ",
+            $by_last_flush_id,
+            " WHEN NOT EXISTS (
                              SELECT FROM meter.flushed f
                               WHERE f.session_id = s.id AND f.stream_id <= s.stream_id
                                 AND (f.stream_id, f.id) > (s.stream_id, (SELECT min(c.acked_flush_id) FROM meter.consumers c
@@ -108,10 +94,36 @@ pub fn settle(session_id: i64) -> Result<()> {
                         THEN 'consumed'
                         ELSE 'waiting'
                     END
-               FROM meter.sessions s WHERE s.id = $1 AND s.status = 'PUSH_COMPLETED'",
-            &[session_id.into(), sessions::last_flush_id(session_id)?.into()],
+               FROM meter.sessions s WHERE s.id = $1 AND s.status = 'PUSH_COMPLETED'"
         )
-    })?;
+    };
+}
+
+/// A session whose push completed: COMPLETED when the stream has no consumer;
+/// CONSUME_COMPLETED then COMPLETED once every consumer has acknowledged all its
+/// records; otherwise it waits in PUSH_COMPLETED.
+///
+/// A session that flushed nothing (its counts say so) is consumed at once. One
+/// that did is consumed once the slowest consumer's acknowledgement reaches its
+/// newest flush id (`meter.sessions.last_flush_id`): one comparison, whatever the
+/// backlog, so a consumer catching up on a long outbox is not slowed by the
+/// sessions waiting for it. A session that flushed only before 0.2.0 has no such
+/// id; for it, "all its records" is asked as "none of them past the slowest
+/// consumer's acknowledgement", along the stream's outbox index `(stream_id, id)`
+/// from that point: the row comparison starts the scan there, and fits that index
+/// only.
+pub fn settle(session_id: i64) -> Result<()> {
+    let query = if sessions::has_last_flush_id()? {
+        settle_query!(
+            "WHEN s.last_flush_id IS NOT NULL
+             THEN CASE WHEN s.last_flush_id <= (SELECT min(c.acked_flush_id) FROM meter.consumers c
+                                                 WHERE c.stream_id = s.stream_id)
+                       THEN 'consumed' ELSE 'waiting' END"
+        )
+    } else {
+        settle_query!("")
+    };
+    let state = sql::by_index_lookups(|| sql::one::<String>(query, &[session_id.into()]))?;
     match state.as_deref() {
         Some("none") => {
             sessions::transition(session_id, Status::Completed, None)?;

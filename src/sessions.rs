@@ -153,33 +153,40 @@ fn announce(id: i64, previous: Status) -> Result<()> {
     Ok(())
 }
 
+/// The UPDATE of `count`, with `$extra` set too.
+macro_rules! count_query {
+    ($extra:literal) => {
+        concat!(
+            "UPDATE meter.sessions
+                SET records_processed = records_processed + $2, records_metered = records_metered + $3,
+                    records_duplicate = records_duplicate + $4, records_rejected = records_rejected + $5,
+                    meters_flushed = meters_flushed + $6, chunks = chunks + ($2 > 0)::int, updated_at = clock_timestamp()",
+            $extra,
+            " WHERE id = $1"
+        )
+    };
+}
+
 /// Adds a chunk's outcomes to the session's counters (progress is visible once the
 /// chunk commits), and what a flush wrote: how many records, and the newest flush
-/// id among them (see `last_flush_id`).
+/// id among them (see `has_last_flush_id`), in the same UPDATE.
 pub fn count(id: i64, counts: Counts, flushed: Option<&Flushed>) -> Result<()> {
-    sql::execute(
-        "UPDATE meter.sessions
-            SET records_processed = records_processed + $2, records_metered = records_metered + $3,
-                records_duplicate = records_duplicate + $4, records_rejected = records_rejected + $5,
-                meters_flushed = meters_flushed + $6, chunks = chunks + ($2 > 0)::int, updated_at = clock_timestamp()
-          WHERE id = $1",
-        &[
-            id.into(),
-            counts.total().into(),
-            counts.metered.into(),
-            counts.duplicates.into(),
-            counts.rejected.into(),
-            flushed.map_or(0, |f| f.records).into(),
-        ],
-    )?;
-    if let Some(last) = flushed.and_then(|f| f.last_flush_id) {
-        if has_last_flush_id()? {
-            sql::execute(
-                "UPDATE meter.sessions SET last_flush_id = greatest(last_flush_id, $2) WHERE id = $1",
-                &[id.into(), last.into()],
-            )?;
+    let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
+        id.into(),
+        counts.total().into(),
+        counts.metered.into(),
+        counts.duplicates.into(),
+        counts.rejected.into(),
+        flushed.map_or(0, |f| f.records).into(),
+    ];
+    let query = match flushed.and_then(|f| f.last_flush_id) {
+        Some(last) if has_last_flush_id()? => {
+            args.push(last.into());
+            count_query!(", last_flush_id = greatest(last_flush_id, $7)")
         }
-    }
+        _ => count_query!(""),
+    };
+    sql::execute(query, &args)?;
     Ok(())
 }
 
@@ -229,27 +236,19 @@ pub fn fold_counters() -> Result<()> {
     Ok(())
 }
 
-/// The newest flush id of a run's records, which `count` records from 0.2.0 on
-/// (realtime sessions never wait for consumers: they complete when stopped).
-/// `outbox::settle` compares it with the consumers' acknowledgements.
-pub fn last_flush_id(id: i64) -> Result<Option<i64>> {
-    if !has_last_flush_id()? {
-        return Ok(None);
-    }
-    sql::one::<i64>("SELECT last_flush_id FROM meter.sessions WHERE id = $1", &[id.into()])
-}
-
 thread_local! {
     /// The extension (its oid) whose meter.sessions was seen to have last_flush_id.
     static HAS_LAST_FLUSH_ID: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
 }
 
-/// Whether this database's meter.sessions has `last_flush_id` (0.2.0 on): a 0.1.0
-/// schema keeps working with this library until `ALTER EXTENSION meter_ext
-/// UPDATE`, its sessions settled by reading the outbox. Remembered once true, for
-/// this installation of the extension (dropped and created again, it is asked
-/// again).
-fn has_last_flush_id() -> Result<bool> {
+/// Whether this database's meter.sessions has `last_flush_id` (0.2.0 on), the
+/// newest flush id of a batch run's records, which `count` records and
+/// `outbox::settle` compares with the consumers' acknowledgements (realtime
+/// sessions never wait for consumers: they complete when stopped). A 0.1.0 schema
+/// keeps working with this library until `ALTER EXTENSION meter_ext UPDATE`, its
+/// sessions settled by reading the outbox. Remembered once true, for this
+/// installation of the extension (dropped and created again, it is asked again).
+pub fn has_last_flush_id() -> Result<bool> {
     // SAFETY: a catalog lookup by name; missing_ok, so no ERROR.
     let extension = unsafe { pg_sys::get_extension_oid(c"meter_ext".as_ptr(), true) };
     if extension != pg_sys::InvalidOid && HAS_LAST_FLUSH_ID.get() == extension {
