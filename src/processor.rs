@@ -154,6 +154,53 @@ impl Counts {
 
 type MeterKey = (i64, String); // (meter type id, user id)
 
+/// The meters in memory: slots in a vector, found by user, then by meter type.
+/// A record's meter is found without building an owned key, and pass 2 reaches
+/// it by the index pass 1 found.
+#[derive(Default)]
+struct Meters {
+    slots: Vec<Slot>,
+    /// Every loaded user, with `(meter type id, slot)` for each of its meters
+    /// (a few): a user without meters is loaded too.
+    by_user: HashMap<String, Vec<(i64, usize)>>,
+}
+
+impl Meters {
+    fn find(&self, type_id: i64, user_id: &str) -> Option<usize> {
+        let meters = self.by_user.get(user_id)?;
+        meters.iter().find(|(t, _)| *t == type_id).map(|(_, at)| *at)
+    }
+
+    fn is_loaded(&self, user_id: &str) -> bool {
+        self.by_user.contains_key(user_id)
+    }
+
+    fn mark_loaded(&mut self, user_id: &str) {
+        if !self.by_user.contains_key(user_id) {
+            self.by_user.insert(user_id.to_string(), Vec::new());
+        }
+    }
+
+    /// Adds a meter unless one of that type and user is in memory (whose
+    /// changes are kept).
+    fn insert(&mut self, (type_id, user_id): MeterKey, slot: Slot) {
+        let meters = self.by_user.entry(user_id).or_default();
+        if !meters.iter().any(|(t, _)| *t == type_id) {
+            meters.push((type_id, self.slots.len()));
+            self.slots.push(slot);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.by_user.clear();
+    }
+}
+
 /// Meters a one-transaction run keeps in memory before writing them back.
 const MAX_KEPT_METERS: usize = 200_000;
 /// Audit rows a one-transaction run keeps in memory before writing them.
@@ -170,11 +217,24 @@ struct Slot {
     new: bool,
 }
 
+/// Where a rule would put a record.
+enum Target {
+    /// The meter at this index of `Meters::slots`.
+    Slot(usize),
+    /// A meter this chunk creates, asked for by an earlier record.
+    Created,
+    /// A meter to create (auto-creation).
+    Create,
+}
+
 /// A record a rule took, before deduplication and application.
 struct Taken<'r, 'e> {
     index: usize,
     rule: &'r Rule,
-    key: MeterKey,
+    type_id: i64,
+    user_id: &'e str,
+    /// Its meter in `Meters::slots`; `None` until a meter to create is created.
+    slot: Option<usize>,
     contribution: Contribution,
     at: Timestamp,
     record_id: Option<&'e str>,
@@ -188,9 +248,7 @@ pub struct Processor<'s> {
     types: HashMap<String, MeterTypeSettings>,
     /// The meters of the users seen, as changed. Apply writes them back after each
     /// chunk, or (`keep_meters`, in a one-transaction run) at `finish`.
-    meters: HashMap<MeterKey, Slot>,
-    /// Users whose meters are in `meters`.
-    loaded_users: HashSet<String>,
+    meters: Meters,
     /// Keep meters (locked, changed in memory) across chunks instead of writing
     /// them back after each: a run in one transaction rewrites each meter once.
     keep_meters: bool,
@@ -218,8 +276,7 @@ impl<'s> Processor<'s> {
                 future_tolerance: gucs::future_tolerance(),
             },
             types: catalog::load_meter_types(&names)?.into_iter().collect(),
-            meters: HashMap::default(),
-            loaded_users: HashSet::default(),
+            meters: Meters::default(),
             keep_meters: mode == Mode::Simulate,
             holds_stream: false,
             audit: AuditRows::default(),
@@ -269,7 +326,6 @@ impl<'s> Processor<'s> {
         if !self.keep_meters {
             // Each chunk reads its meters afresh: memory stays bounded by the chunk.
             self.meters.clear();
-            self.loaded_users.clear();
         }
         let fields = &self.stream.fields;
         let extracted: Vec<std::result::Result<Extracted, Rejection>> = inputs
@@ -279,13 +335,14 @@ impl<'s> Processor<'s> {
                 None => extract(&input.record, fields, &self.clock),
             })
             .collect();
-        let users: Vec<String> = extracted
+        let users: Vec<&str> = extracted
             .iter()
-            .filter_map(|e| e.as_ref().ok().map(|e| e.user_id.clone()))
+            .filter_map(|e| e.as_ref().ok().map(|e| e.user_id.as_str()))
+            .filter(|u| !self.meters.is_loaded(u))
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        self.load_meters(&users, false)?;
+        self.load_meters(&users)?;
 
         // Pass 1: rules, activity windows, values.
         let mut outcomes: Vec<Option<Outcome>> = vec![None; inputs.len()];
@@ -301,30 +358,34 @@ impl<'s> Processor<'s> {
                 }
             };
             let at = record.at(&self.clock);
+            let mut found = None;
             let decision = stream.rules.evaluate(&inputs[index].record, |rule| {
-                self.check_rule(rule, &record.user_id, at, &to_create).map(|create| {
-                    if let Some(key) = create {
-                        to_create.insert(key);
+                let (settings, target) = self.check_rule(rule, &record.user_id, at, &to_create)?;
+                match target {
+                    Target::Slot(at) => found = Some((settings, Some(at))),
+                    Target::Created => found = Some((settings, None)),
+                    Target::Create => {
+                        to_create.insert((settings.id, record.user_id.clone()));
+                        found = Some((settings, None));
                     }
-                })
+                }
+                Ok(())
             });
             match decision {
                 Decision::Rejected { rejection, last_rule } => {
                     outcomes[index] = Some(rejected(&rejection, last_rule.map(str::to_string)));
                 }
                 Decision::Taken(rule) => {
-                    let settings = &self.types[&rule.meter_type];
-                    let key = (settings.id, record.user_id.clone());
+                    let (settings, slot) = found.expect("a rule taking a record found its meter");
                     // An existing meter keeps its period's aggregation; a new one takes the type's.
-                    let aggregation = self
-                        .meters
-                        .get(&key)
-                        .map_or(settings.aggregation, |slot| slot.state.aggregation);
+                    let aggregation = slot.map_or(settings.aggregation, |at| self.meters.slots[at].state.aggregation);
                     match Contribution::from_value(aggregation, record.value, &fields.value, &rule.meter_type) {
                         Ok(contribution) => taken.push(Taken {
                             index,
                             rule,
-                            key,
+                            type_id: settings.id,
+                            user_id: &record.user_id,
+                            slot,
                             contribution,
                             at,
                             record_id: record.record_id.as_deref(),
@@ -335,7 +396,12 @@ impl<'s> Processor<'s> {
             }
         }
 
-        self.create_meters(to_create)?;
+        if !to_create.is_empty() {
+            self.create_meters(to_create)?;
+            for item in taken.iter_mut().filter(|t| t.slot.is_none()) {
+                item.slot = self.meters.find(item.type_id, item.user_id);
+            }
+        }
         let duplicates = self.claim_record_ids(&taken)?;
 
         // Pass 2: apply, in input order.
@@ -346,13 +412,13 @@ impl<'s> Processor<'s> {
                 outcomes[item.index] = Some(Outcome::Duplicate {
                     record_id: item.record_id.unwrap_or_default().to_string(),
                     rule: &item.rule.name,
-                    user_id: item.key.1,
+                    user_id: item.user_id.to_string(),
                 });
                 continue;
             }
-            let slot = self.meters.get_mut(&item.key).expect("taken records have a meter");
+            let slot = &mut self.meters.slots[item.slot.expect("taken records have a meter")];
             let usage = Usage {
-                contribution: item.contribution.clone(),
+                contribution: item.contribution,
                 at: item.at,
                 group: GroupRef::of(&input.record, &item.rule.group_by),
                 carry_first: carried(&input.record, &item.rule.carry_first),
@@ -380,7 +446,7 @@ impl<'s> Processor<'s> {
             if self.mode == Mode::Apply && self.stream.audit {
                 self.audit.push(AuditedRecord {
                     meter_id: slot.id,
-                    user_id: &item.key.1,
+                    user_id: item.user_id,
                     period_start: slot.period_start,
                     usage_id: input.usage_id,
                     record_id: item.record_id,
@@ -393,7 +459,7 @@ impl<'s> Processor<'s> {
                 rule: &item.rule.name,
                 meter_id: (slot.id > 0).then_some(slot.id),
                 meter_type: &item.rule.meter_type,
-                user_id: item.key.1,
+                user_id: item.user_id.to_string(),
                 value,
                 new_meter: slot.new,
             });
@@ -410,7 +476,6 @@ impl<'s> Processor<'s> {
                     // Written back and still locked by this transaction: reading
                     // them again later is safe.
                     self.meters.clear();
-                    self.loaded_users.clear();
                 }
             }
             store_seen(&fresh_seen)?;
@@ -422,15 +487,15 @@ impl<'s> Processor<'s> {
         Ok(outcomes)
     }
 
-    /// Whether `rule` may take a record of `user_id` at `at`: `Ok(Some(key))` when
-    /// it needs a new meter (auto-creation), `Err` when the record falls through.
+    /// Whether `rule` may take a record of `user_id` at `at`, and into which
+    /// meter (`Target`); `Err` when the record falls through.
     fn check_rule(
         &self,
         rule: &Rule,
         user_id: &str,
         at: Timestamp,
         to_create: &HashSet<MeterKey>,
-    ) -> std::result::Result<Option<MeterKey>, Rejection> {
+    ) -> std::result::Result<(&MeterTypeSettings, Target), Rejection> {
         let Some(settings) = self.types.get(&rule.meter_type) else {
             // Rules are validated against existing meter types, and a type named by
             // a rule cannot be dropped; this only guards a concurrent change.
@@ -454,32 +519,25 @@ impl<'s> Processor<'s> {
                 active_to: to,
             });
         }
-        let key = (settings.id, user_id.to_string());
-        match self.meters.get(&key) {
-            Some(slot) if slot.closed => Err(Rejection::MeterClosed {
-                meter_id: slot.id,
+        match self.meters.find(settings.id, user_id) {
+            Some(at) if self.meters.slots[at].closed => Err(Rejection::MeterClosed {
+                meter_id: self.meters.slots[at].id,
                 meter_type: settings.name.clone(),
             }),
-            Some(_) => Ok(None),
-            None if to_create.contains(&key) => Ok(None),
-            None if self.stream.auto_create_meters => Ok(Some(key)),
-            None => Err(Rejection::NoMeter {
+            Some(at) => Ok((settings, Target::Slot(at))),
+            None if !self.stream.auto_create_meters => Err(Rejection::NoMeter {
                 user_id: user_id.to_string(),
                 meter_type: settings.name.clone(),
                 rule: rule.name.clone(),
             }),
+            None if to_create.contains(&(settings.id, user_id.to_string())) => Ok((settings, Target::Created)),
+            None => Ok((settings, Target::Create)),
         }
     }
 
-    /// Loads (and in `Apply`, locks) the stream's meters of these users, unless
-    /// already loaded; `again` reloads them (after creating meters), keeping what
-    /// is in memory.
-    fn load_meters(&mut self, users: &[String], again: bool) -> Result<()> {
-        let users: Vec<String> = users
-            .iter()
-            .filter(|u| again || !self.loaded_users.contains(*u))
-            .cloned()
-            .collect();
+    /// Loads (and in `Apply`, locks) the stream's meters of these users, keeping
+    /// any already in memory (after creating meters, they are loaded again).
+    fn load_meters(&mut self, users: &[&str]) -> Result<()> {
         if users.is_empty() {
             return Ok(());
         }
@@ -501,7 +559,7 @@ impl<'s> Processor<'s> {
         let rows = sql::with_generic_lookups(|| {
             Spi::connect_mut(|client| -> Result<Vec<(MeterKey, Slot)>> {
                 let mut rows = Vec::new();
-                for row in sql::run(client, &query, &[self.stream.id.into(), users.clone().into()])? {
+                for row in sql::run(client, &query, &[self.stream.id.into(), users.to_vec().into()])? {
                     let type_id = row.get::<i64>(2)?.unwrap();
                     if !type_ids.contains(&type_id) {
                         continue;
@@ -533,9 +591,11 @@ impl<'s> Processor<'s> {
             })
         })?;
         for (key, slot) in rows {
-            self.meters.entry(key).or_insert(slot);
+            self.meters.insert(key, slot);
         }
-        self.loaded_users.extend(users);
+        for user in users {
+            self.meters.mark_loaded(user);
+        }
         Ok(())
     }
 
@@ -557,17 +617,16 @@ impl<'s> Processor<'s> {
                     })
                     .collect();
                 let created = catalog::insert_meters(self.stream.id, &new, self.clock.now)?;
-                let users: Vec<String> = keys
+                let users: Vec<&str> = keys
                     .iter()
-                    .map(|(_, u)| u.clone())
+                    .map(|(_, u)| u.as_str())
                     .collect::<HashSet<_>>()
                     .into_iter()
                     .collect();
-                self.load_meters(&users, true)?;
-                for id in created {
-                    if let Some(slot) = self.meters.values_mut().find(|s| s.id == id) {
-                        slot.new = true;
-                    }
+                self.load_meters(&users)?;
+                let created: HashSet<i64> = created.into_iter().collect();
+                for slot in self.meters.slots.iter_mut().filter(|s| created.contains(&s.id)) {
+                    slot.new = true;
                 }
             }
             Mode::Simulate => {
@@ -732,7 +791,7 @@ impl<'s> Processor<'s> {
 
     /// The meter a claimed id's record goes to (none yet for a simulated new meter).
     fn claimed_meter(&self, item: &Taken) -> Option<i64> {
-        self.meters.get(&item.key).map(|s| s.id).filter(|id| *id > 0)
+        item.slot.map(|at| self.meters.slots[at].id).filter(|id| *id > 0)
     }
 
     /// Claims ids that concurrent transactions may claim too (realtime metering):
@@ -777,7 +836,7 @@ impl<'s> Processor<'s> {
             let Contribution::Distinct(value) = &item.contribution else {
                 continue;
             };
-            let slot = &self.meters[&item.key];
+            let slot = &self.meters.slots[item.slot.expect("taken records have a meter")];
             if slot.id < 0 {
                 continue;
             }
@@ -817,7 +876,7 @@ impl<'s> Processor<'s> {
     /// Writes every changed meter back in one statement.
     fn write_meters(&mut self) -> Result<()> {
         let mut rows = MeterRows::default();
-        for slot in self.meters.values_mut().filter(|s| s.dirty) {
+        for slot in self.meters.slots.iter_mut().filter(|s| s.dirty) {
             rows.push(slot.id, StoredState::from_state(&slot.state));
             slot.dirty = false;
         }
