@@ -13,7 +13,7 @@ use bigdecimal::BigDecimal;
 use jiff::Timestamp;
 use serde_json::{Map, Value};
 
-use crate::record::{describe, parse_decimal, FieldPath, Rejection};
+use crate::record::{describe, parse_decimal, FieldPath, RecordRef, Rejection};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Aggregation {
@@ -166,14 +166,15 @@ impl<'a> GroupRef<'a> {
     /// The group of `record` by `group_by`; `None` when the rule does not group.
     /// A missing field groups as null. `|`, `=` and `\` in values are escaped so
     /// different field values never share a key.
-    pub fn of(record: &'a Value, group_by: &'a [FieldPath]) -> Option<GroupRef<'a>> {
+    pub fn of(record: impl Into<RecordRef<'a>>, group_by: &'a [FieldPath]) -> Option<GroupRef<'a>> {
         if group_by.is_empty() {
             return None;
         }
+        let record = record.into();
         let mut key = String::new();
         let mut values = Vec::with_capacity(group_by.len());
         for (i, path) in group_by.iter().enumerate() {
-            let value = path.get(record);
+            let value = record.get(path);
             if i > 0 {
                 key.push('|');
             }

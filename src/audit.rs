@@ -16,24 +16,25 @@ use crate::convert::to_timestamptz;
 use crate::errors::Result;
 use crate::sql;
 
-/// Audit rows not written yet, grouped by meter as they will be stored.
+/// Audit rows not written yet, in the order the records were metered; grouped
+/// by meter when written. Appending to one log keeps a record's audit row in
+/// cache, where appending to its meter's own arrays missed it for each array.
 #[derive(Default)]
 pub struct AuditRows {
-    by_meter: HashMap<i64, MeterAudit>,
-    /// Rule names, each once; `MeterAudit::rules` holds positions in it.
+    entries: Vec<Entry>,
+    /// User id and period start of each meter with entries.
+    meters: HashMap<i64, (String, Timestamp)>,
+    /// Rule names, each once; `Entry::rule` is a position in it.
     rule_names: Vec<String>,
-    rows: usize,
 }
 
-#[derive(Default)]
-struct MeterAudit {
-    user_id: String,
-    period_start: Timestamp,
-    usage_ids: Vec<Option<i64>>,
-    record_ids: Vec<Option<String>>,
-    rules: Vec<u32>,
-    amounts: Vec<Amount>,
-    record_ats: Vec<Timestamp>,
+struct Entry {
+    meter_id: i64,
+    usage_id: Option<i64>,
+    record_id: Option<String>,
+    rule: u32,
+    amount: Amount,
+    at: Timestamp,
 }
 
 /// What a record added to its meter. Most amounts are a 64-bit integer of digits
@@ -80,7 +81,7 @@ pub struct AuditedRecord<'a> {
     pub user_id: &'a str,
     pub period_start: Timestamp,
     pub usage_id: Option<i64>,
-    pub record_id: Option<&'a str>,
+    pub record_id: Option<String>,
     pub rule: &'a str,
     pub amount: &'a BigDecimal,
     pub at: Timestamp,
@@ -88,7 +89,7 @@ pub struct AuditedRecord<'a> {
 
 impl AuditRows {
     pub fn len(&self) -> usize {
-        self.rows
+        self.entries.len()
     }
 
     pub fn push(&mut self, record: AuditedRecord) {
@@ -99,17 +100,18 @@ impl AuditRows {
                 self.rule_names.len() - 1
             }
         } as u32;
-        let meter = self.by_meter.entry(record.meter_id).or_insert_with(|| MeterAudit {
-            user_id: record.user_id.to_string(),
-            period_start: record.period_start,
-            ..MeterAudit::default()
+        if !self.meters.contains_key(&record.meter_id) {
+            self.meters
+                .insert(record.meter_id, (record.user_id.to_string(), record.period_start));
+        }
+        self.entries.push(Entry {
+            meter_id: record.meter_id,
+            usage_id: record.usage_id,
+            record_id: record.record_id,
+            rule,
+            amount: Amount::of(record.amount),
+            at: record.at,
         });
-        meter.usage_ids.push(record.usage_id);
-        meter.record_ids.push(record.record_id.map(str::to_string));
-        meter.rules.push(rule);
-        meter.amounts.push(Amount::of(record.amount));
-        meter.record_ats.push(record.at);
-        self.rows += 1;
     }
 
     /// Writes the rows, in meter order (the `(meter_id, period_start)` index then
@@ -121,7 +123,7 @@ impl AuditRows {
     /// megabytes of fresh memory per run. The statement has a generic plan: a
     /// custom plan copies its argument into the plan.
     pub fn insert(self, stream_id: i64, session_id: Option<i64>) -> Result<()> {
-        if self.by_meter.is_empty() {
+        if self.entries.is_empty() {
             return Ok(());
         }
         let row_type = sql::one::<pg_sys::Oid>(
@@ -130,14 +132,17 @@ impl AuditRows {
         )?
         .expect("the audit table has a row type");
         let AuditRows {
-            by_meter, rule_names, ..
+            mut entries,
+            meters,
+            rule_names,
         } = self;
-        let mut by_meter: Vec<(i64, MeterAudit)> = by_meter.into_iter().collect();
-        by_meter.sort_unstable_by_key(|(meter_id, _)| *meter_id);
-        for meters in by_meter.chunks(ROWS_PER_STATEMENT) {
+        // Stable: each meter's records stay in the order they were metered.
+        entries.sort_by_key(|entry| entry.meter_id);
+        let by_meter: Vec<&[Entry]> = entries.chunk_by(|a, b| a.meter_id == b.meter_id).collect();
+        for batch in by_meter.chunks(ROWS_PER_STATEMENT) {
             sql::in_chunk_context(|| {
                 // SAFETY: the row type is the audit table's, looked up just now.
-                let rows = unsafe { row_array(meters, &rule_names, row_type, stream_id, session_id) };
+                let rows = unsafe { row_array(batch, &meters, &rule_names, row_type, stream_id, session_id) };
                 sql::with_generic_plans(|| {
                     sql::execute(
                         "INSERT INTO meter.usage_audit_batches
@@ -164,7 +169,8 @@ const ROWS_PER_STATEMENT: usize = 1000;
 /// # Safety
 /// `row_type` must be the row type of `meter.usage_audit_batches`.
 unsafe fn row_array(
-    meters: &[(i64, MeterAudit)],
+    batch: &[&[Entry]],
+    meters: &HashMap<i64, (String, Timestamp)>,
     rule_names: &[String],
     row_type: pg_sys::Oid,
     stream_id: i64,
@@ -206,8 +212,10 @@ unsafe fn row_array(
     // Each rule's text once: an array copies its elements.
     let rule_texts: Vec<pg_sys::Datum> = rule_names.iter().map(|name| sql::text_datum(name)).collect();
     let mut buffers = sql::ArrayBuffers::default();
-    let mut elements = Vec::with_capacity(meters.len());
-    for (meter_id, m) in meters {
+    let mut elements = Vec::with_capacity(batch.len());
+    for &records in batch {
+        let meter_id = records[0].meter_id;
+        let (user_id, period_start) = &meters[&meter_id];
         let mut array_of = |element: &sql::ElementType, values: &mut dyn Iterator<Item = Option<pg_sys::Datum>>| {
             Some(element.array_of(values, &mut buffers))
         };
@@ -215,18 +223,18 @@ unsafe fn row_array(
             session_id.into_datum(),
             stream_id.into_datum(),
             meter_id.into_datum(),
-            m.user_id.as_str().into_datum(),
-            to_timestamptz(m.period_start).into_datum(),
-            array_of(&int8, &mut m.usage_ids.iter().map(|id| id.map(pg_sys::Datum::from))),
+            user_id.as_str().into_datum(),
+            to_timestamptz(*period_start).into_datum(),
+            array_of(&int8, &mut records.iter().map(|r| r.usage_id.map(pg_sys::Datum::from))),
             array_of(
                 &text,
-                &mut m.record_ids.iter().map(|id| id.as_deref().map(sql::text_datum)),
+                &mut records.iter().map(|r| r.record_id.as_deref().map(sql::text_datum)),
             ),
-            array_of(&text, &mut m.rules.iter().map(|&rule| Some(rule_texts[rule as usize]))),
-            array_of(&numeric, &mut m.amounts.iter().map(|amount| Some(amount.to_numeric()))),
+            array_of(&text, &mut records.iter().map(|r| Some(rule_texts[r.rule as usize]))),
+            array_of(&numeric, &mut records.iter().map(|r| Some(r.amount.to_numeric()))),
             array_of(
                 &timestamptz,
-                &mut m.record_ats.iter().map(|&at| to_timestamptz(at).into_datum()),
+                &mut records.iter().map(|r| to_timestamptz(r.at).into_datum()),
             ),
         ];
         for (&column, field) in at.iter().zip(fields) {

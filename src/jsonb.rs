@@ -5,10 +5,12 @@
 //!
 //! Everything is bounds-checked: malformed bytes read as null, never as a panic.
 
+use std::rc::Rc;
+
 use pgrx::pg_sys;
 use serde_json::{Map, Number, Value};
 
-use crate::record::{FieldPath, Rejection};
+use crate::record::{FieldPath, Projected, Rejection, NO_SLOT};
 
 const JB_CMASK: u32 = 0x0FFF_FFFF;
 const JB_FSCALAR: u32 = 0x1000_0000;
@@ -419,84 +421,109 @@ fn key_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
-/// The dotted paths a stream's processing reads, as a tree of keys.
+/// The dotted paths a stream's processing reads, as a tree of keys, each path
+/// with a slot of its own in a `Projected` record.
 #[derive(Debug, Default, Clone)]
 pub struct Projection {
+    root: Wanted,
+    /// Slot by path id (`FieldPath::id`); `NO_SLOT` for paths not read.
+    slots: Rc<[u32]>,
+    slot_count: usize,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Wanted {
     /// The keys wanted here, in jsonb's key order (`key_order`), so that an
     /// object's pairs, stored in that order, are matched in one merge pass.
-    children: Vec<(String, Projection)>,
-    /// The whole value at this point is wanted (a path ends here).
-    whole: bool,
+    children: Vec<(String, Wanted)>,
+    /// The whole value at this point is wanted (a path ends here), into this slot.
+    slot: Option<u32>,
 }
 
 impl Projection {
     pub fn of<'p>(paths: impl IntoIterator<Item = &'p FieldPath>) -> Projection {
-        let mut root = Projection::default();
+        let mut root = Wanted::default();
+        let mut slots: Vec<u32> = Vec::new();
+        let mut slot_count = 0;
         for path in paths {
             let mut node = &mut root;
-            for part in path.as_str().split('.') {
+            for part in path.parts() {
                 node = node.child(part);
             }
-            node.whole = true;
+            let slot = *node.slot.get_or_insert_with(|| {
+                slot_count += 1;
+                (slot_count - 1) as u32
+            });
+            let id = path.id() as usize;
+            if slots.len() <= id {
+                slots.resize(id + 1, NO_SLOT);
+            }
+            slots[id] = slot;
         }
-        root
+        Projection {
+            root,
+            slots: slots.into(),
+            slot_count,
+        }
     }
 
-    fn child(&mut self, key: &str) -> &mut Projection {
+    /// The projected paths' values in an object record. A projected field that
+    /// nests deeper than `MAX_READ_DEPTH` rejects the record (`too_deep`, naming
+    /// the field). A root that is not an object has none of them (the caller
+    /// rejects it as such).
+    pub fn apply(&self, root: Container) -> Result<Projected, Rejection> {
+        let mut values = vec![None; self.slot_count];
+        if root.is_object() {
+            self.root.fill(root, 1, &mut values).map_err(|mut path| {
+                path.reverse();
+                Rejection::TooDeep {
+                    field: path.join("."),
+                    limit: MAX_READ_DEPTH,
+                }
+            })?;
+        }
+        Ok(Projected::new(values, self.slots.clone()))
+    }
+}
+
+impl Wanted {
+    fn child(&mut self, key: &str) -> &mut Wanted {
         let at = match self
             .children
             .binary_search_by(|(k, _)| key_order(k.as_bytes(), key.as_bytes()))
         {
             Ok(at) => at,
             Err(at) => {
-                self.children.insert(at, (key.to_string(), Projection::default()));
+                self.children.insert(at, (key.to_string(), Wanted::default()));
                 at
             }
         };
         &mut self.children[at].1
     }
 
-    /// The record reduced to the projected paths, shaped as the record is, so
-    /// `FieldPath::get` finds every projected field as in the full record. A root
-    /// that is not an object is reduced to its kind (it is rejected as such; the
-    /// rejection keeps the stored record). A projected field that nests deeper
-    /// than `MAX_READ_DEPTH` rejects the record (`too_deep`, naming the field).
-    pub fn apply(&self, root: Container) -> Result<Value, Rejection> {
-        if !root.is_object() {
-            return Ok(shallow_value(Node::Container(root)));
-        }
-        self.object(root, 1).map_err(|mut path| {
-            path.reverse();
-            Rejection::TooDeep {
-                field: path.join("."),
-                limit: MAX_READ_DEPTH,
-            }
-        })
-    }
-
-    /// `container` (at `depth` levels) reduced to the wanted keys; `Err` is the
+    /// Fills the slots wanted in `container` (at `depth` levels); `Err` is the
     /// path to a value nested too deep, innermost key first.
-    fn object(&self, container: Container, depth: usize) -> Result<Value, Vec<String>> {
-        let mut map = Map::new();
+    fn fill(&self, container: Container, depth: usize, values: &mut [Option<Value>]) -> Result<(), Vec<String>> {
         let mut too_deep = None;
-        let mut take = |key: &str, wanted: &Projection, node: Node| {
-            let value = match node {
-                _ if wanted.whole => {
-                    value_within(node, MAX_READ_DEPTH.saturating_sub(depth)).ok_or_else(|| vec![key.to_string()])
+        let mut take = |key: &str, wanted: &Wanted, node: Node| {
+            if let Some(slot) = wanted.slot {
+                match value_within(node, MAX_READ_DEPTH.saturating_sub(depth)) {
+                    // Null is missing, as `FieldPath::get` has it.
+                    Some(Value::Null) => {}
+                    Some(value) => values[slot as usize] = Some(value),
+                    None => {
+                        too_deep.get_or_insert_with(|| vec![key.to_string()]);
+                        return;
+                    }
                 }
-                Node::Container(c) if c.is_object() => wanted.object(c, depth + 1).map_err(|mut path| {
-                    path.push(key.to_string());
-                    path
-                }),
-                // A path through a non-object finds nothing.
-                _ => return,
-            };
-            match value {
-                Ok(value) => {
-                    map.insert(key.to_string(), value);
-                }
-                Err(path) => {
-                    too_deep.get_or_insert(path);
+            }
+            // A path through a non-object finds nothing.
+            if let Node::Container(c) = node {
+                if !wanted.children.is_empty() && c.is_object() {
+                    if let Err(mut path) = wanted.fill(c, depth + 1, values) {
+                        path.push(key.to_string());
+                        too_deep.get_or_insert(path);
+                    }
                 }
             }
         };
@@ -532,7 +559,7 @@ impl Projection {
         }
         match too_deep {
             Some(path) => Err(path),
-            None => Ok(Value::Object(map)),
+            None => Ok(()),
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::dedupe;
 use crate::errors::Result;
 use crate::gucs;
 use crate::locks;
-use crate::record::{extract, Clock, Extracted, Rejection};
+use crate::record::{extract, Clock, Extracted, Projected, RecordRef, Rejection};
 use crate::rules::{Decision, Rule};
 use crate::sql;
 
@@ -43,8 +43,10 @@ pub enum Mode {
 pub struct Input {
     /// The inbox row it came from, if any.
     pub usage_id: Option<i64>,
-    /// The record, or (read from the inbox) only the fields processing reads.
+    /// The record, unless `projected` holds the fields processing reads of it.
     pub record: Value,
+    /// The fields processing reads, for a record read from its binary form.
+    pub projected: Option<Projected>,
     /// The whole record as stored (binary jsonb), when `record` is a projection.
     pub stored: Option<Vec<u8>>,
     /// Why the record could not be read for processing (it is rejected).
@@ -56,8 +58,17 @@ impl Input {
         Input {
             usage_id: None,
             record,
+            projected: None,
             stored: None,
             unreadable: None,
+        }
+    }
+
+    /// The record as processing reads it.
+    pub fn view(&self) -> RecordRef<'_> {
+        match &self.projected {
+            Some(projected) => RecordRef::Projected(projected),
+            None => RecordRef::Whole(&self.record),
         }
     }
 
@@ -65,18 +76,19 @@ impl Input {
     /// `projection` names are read, and the bytes kept for a rejection. A field
     /// read that nests too deep rejects the record instead of failing the run.
     pub fn projected(usage_id: Option<i64>, stored: Vec<u8>, projection: &crate::jsonb::Projection) -> Input {
-        let read = crate::jsonb::Container::from_varlena(&stored).map(|root| projection.apply(root));
-        let (record, unreadable) = match read {
-            Some(Ok(record)) => (record, None),
-            Some(Err(rejection)) => (Value::Null, Some(rejection)),
-            None => (Value::Null, None),
-        };
-        Input {
-            usage_id,
-            record,
-            stored: Some(stored),
-            unreadable,
+        let mut input = Input::new(Value::Null);
+        input.usage_id = usage_id;
+        match crate::jsonb::Container::from_varlena(&stored) {
+            Some(root) if root.is_object() => match projection.apply(root) {
+                Ok(projected) => input.projected = Some(projected),
+                Err(rejection) => input.unreadable = Some(rejection),
+            },
+            // Rejected as not an object; its kind is all that is read.
+            Some(root) => input.record = crate::jsonb::shallow_value(crate::jsonb::Node::Container(root)),
+            None => {}
         }
+        input.stored = Some(stored);
+        input
     }
 
     /// The record as received, as a jsonb datum in the current memory context
@@ -160,6 +172,9 @@ type MeterKey = (i64, String); // (meter type id, user id)
 #[derive(Default)]
 struct Meters {
     slots: Vec<Slot>,
+    /// Each slot's `closed` and aggregation, apart: the rules' pass reads only
+    /// these, and a few bytes per meter stay in cache where a slot would not.
+    heads: Vec<(bool, Aggregation)>,
     /// Every loaded user, with `(meter type id, slot)` for each of its meters
     /// (a few): a user without meters is loaded too.
     by_user: HashMap<String, Vec<(i64, usize)>>,
@@ -187,6 +202,7 @@ impl Meters {
         let meters = self.by_user.entry(user_id).or_default();
         if !meters.iter().any(|(t, _)| *t == type_id) {
             meters.push((type_id, self.slots.len()));
+            self.heads.push((slot.closed, slot.state.aggregation));
             self.slots.push(slot);
         }
     }
@@ -197,6 +213,7 @@ impl Meters {
 
     fn clear(&mut self) {
         self.slots.clear();
+        self.heads.clear();
         self.by_user.clear();
     }
 }
@@ -215,6 +232,27 @@ struct Slot {
     closed: bool,
     dirty: bool,
     new: bool,
+}
+
+/// A taken record as pass 2 applies it.
+struct Applying<'r> {
+    index: usize,
+    rule: &'r Rule,
+    slot: Option<usize>,
+    contribution: Contribution,
+    at: Timestamp,
+}
+
+impl<'r> From<Taken<'r, '_>> for Applying<'r> {
+    fn from(taken: Taken<'r, '_>) -> Self {
+        Applying {
+            index: taken.index,
+            rule: taken.rule,
+            slot: taken.slot,
+            contribution: taken.contribution,
+            at: taken.at,
+        }
+    }
 }
 
 /// Where a rule would put a record.
@@ -246,6 +284,8 @@ pub struct Processor<'s> {
     session_id: Option<i64>,
     clock: Clock,
     types: HashMap<String, MeterTypeSettings>,
+    /// The meter type of each of the stream's rules, by the rule's position.
+    rule_types: Vec<Option<MeterTypeSettings>>,
     /// The meters of the users seen, as changed. Apply writes them back after each
     /// chunk, or (`keep_meters`, in a one-transaction run) at `finish`.
     meters: Meters,
@@ -267,6 +307,12 @@ pub struct Processor<'s> {
 impl<'s> Processor<'s> {
     pub fn new(stream: &'s Stream, mode: Mode, session_id: Option<i64>, now: Timestamp) -> Result<Processor<'s>> {
         let names: Vec<String> = stream.rules.meter_types().map(str::to_string).collect();
+        let types: HashMap<String, MeterTypeSettings> = catalog::load_meter_types(&names)?.into_iter().collect();
+        let rule_types = stream
+            .rules
+            .meter_types()
+            .map(|name| types.get(name).cloned())
+            .collect();
         Ok(Processor {
             stream,
             mode,
@@ -275,7 +321,8 @@ impl<'s> Processor<'s> {
                 now,
                 future_tolerance: gucs::future_tolerance(),
             },
-            types: catalog::load_meter_types(&names)?.into_iter().collect(),
+            types,
+            rule_types,
             meters: Meters::default(),
             keep_meters: mode == Mode::Simulate,
             holds_stream: false,
@@ -328,11 +375,11 @@ impl<'s> Processor<'s> {
             self.meters.clear();
         }
         let fields = &self.stream.fields;
-        let extracted: Vec<std::result::Result<Extracted, Rejection>> = inputs
+        let mut extracted: Vec<std::result::Result<Extracted, Rejection>> = inputs
             .iter()
             .map(|input| match &input.unreadable {
                 Some(rejection) => Err(rejection.clone()),
-                None => extract(&input.record, fields, &self.clock),
+                None => extract(input.view(), fields, &self.clock),
             })
             .collect();
         let users: Vec<&str> = extracted
@@ -346,7 +393,7 @@ impl<'s> Processor<'s> {
 
         // Pass 1: rules, activity windows, values.
         let mut outcomes: Vec<Option<Outcome>> = vec![None; inputs.len()];
-        let mut taken: Vec<Taken> = Vec::new();
+        let mut taken: Vec<Taken> = Vec::with_capacity(inputs.len());
         let mut to_create: HashSet<MeterKey> = HashSet::default();
         let stream = self.stream;
         for (index, result) in extracted.iter().enumerate() {
@@ -359,7 +406,7 @@ impl<'s> Processor<'s> {
             };
             let at = record.at(&self.clock);
             let mut found = None;
-            let decision = stream.rules.evaluate(&inputs[index].record, |rule| {
+            let decision = stream.rules.evaluate(inputs[index].view(), |rule| {
                 let (settings, target) = self.check_rule(rule, &record.user_id, at, &to_create)?;
                 match target {
                     Target::Slot(at) => found = Some((settings, Some(at))),
@@ -378,7 +425,7 @@ impl<'s> Processor<'s> {
                 Decision::Taken(rule) => {
                     let (settings, slot) = found.expect("a rule taking a record found its meter");
                     // An existing meter keeps its period's aggregation; a new one takes the type's.
-                    let aggregation = slot.map_or(settings.aggregation, |at| self.meters.slots[at].state.aggregation);
+                    let aggregation = slot.map_or(settings.aggregation, |at| self.meters.heads[at].1);
                     match Contribution::from_value(aggregation, record.value, &fields.value, &rule.meter_type) {
                         Ok(contribution) => taken.push(Taken {
                             index,
@@ -406,13 +453,19 @@ impl<'s> Processor<'s> {
 
         // Pass 2: apply, in input order.
         let (existing_seen, mut fresh_seen) = (self.load_seen(&taken, &duplicates, inputs)?, HashSet::default());
+        // Without their borrows of `extracted`, whose ids each record's outcome and
+        // audit row then take over instead of copying.
+        let taken: Vec<Applying> = taken.into_iter().map(Applying::from).collect();
         for item in taken {
             let input = &inputs[item.index];
+            let record = extracted[item.index].as_mut().expect("taken records were extracted");
+            let user_id = std::mem::take(&mut record.user_id);
+            let record_id = record.record_id.take();
             if duplicates.contains(&item.index) {
                 outcomes[item.index] = Some(Outcome::Duplicate {
-                    record_id: item.record_id.unwrap_or_default().to_string(),
+                    record_id: record_id.unwrap_or_default(),
                     rule: &item.rule.name,
-                    user_id: item.user_id.to_string(),
+                    user_id,
                 });
                 continue;
             }
@@ -420,9 +473,9 @@ impl<'s> Processor<'s> {
             let usage = Usage {
                 contribution: item.contribution,
                 at: item.at,
-                group: GroupRef::of(&input.record, &item.rule.group_by),
-                carry_first: carried(&input.record, &item.rule.carry_first),
-                carry_last: carried(&input.record, &item.rule.carry_last),
+                group: GroupRef::of(input.view(), &item.rule.group_by),
+                carry_first: carried(input.view(), &item.rule.carry_first),
+                carry_last: carried(input.view(), &item.rule.carry_last),
             };
             let value = match self.mode {
                 Mode::Apply => {
@@ -446,10 +499,10 @@ impl<'s> Processor<'s> {
             if self.mode == Mode::Apply && self.stream.audit {
                 self.audit.push(AuditedRecord {
                     meter_id: slot.id,
-                    user_id: item.user_id,
+                    user_id: &user_id,
                     period_start: slot.period_start,
                     usage_id: input.usage_id,
-                    record_id: item.record_id,
+                    record_id,
                     rule: &item.rule.name,
                     amount: &value,
                     at: item.at,
@@ -459,7 +512,7 @@ impl<'s> Processor<'s> {
                 rule: &item.rule.name,
                 meter_id: (slot.id > 0).then_some(slot.id),
                 meter_type: &item.rule.meter_type,
-                user_id: item.user_id.to_string(),
+                user_id,
                 value,
                 new_meter: slot.new,
             });
@@ -496,7 +549,12 @@ impl<'s> Processor<'s> {
         at: Timestamp,
         to_create: &HashSet<MeterKey>,
     ) -> std::result::Result<(&MeterTypeSettings, Target), Rejection> {
-        let Some(settings) = self.types.get(&rule.meter_type) else {
+        let settings = self
+            .stream
+            .rules
+            .index_of(rule)
+            .and_then(|at| self.rule_types[at].as_ref());
+        let Some(settings) = settings else {
             // Rules are validated against existing meter types, and a type named by
             // a rule cannot be dropped; this only guards a concurrent change.
             return Err(Rejection::NoMeter {
@@ -520,7 +578,7 @@ impl<'s> Processor<'s> {
             });
         }
         match self.meters.find(settings.id, user_id) {
-            Some(at) if self.meters.slots[at].closed => Err(Rejection::MeterClosed {
+            Some(at) if self.meters.heads[at].0 => Err(Rejection::MeterClosed {
                 meter_id: self.meters.slots[at].id,
                 meter_type: settings.name.clone(),
             }),
@@ -843,7 +901,7 @@ impl<'s> Processor<'s> {
             meter_ids.push(slot.id);
             groups.push(String::new());
             values.push(value.clone());
-            if let Some(group) = GroupRef::of(&inputs[item.index].record, &item.rule.group_by) {
+            if let Some(group) = GroupRef::of(inputs[item.index].view(), &item.rule.group_by) {
                 meter_ids.push(slot.id);
                 groups.push(group.key);
                 values.push(value.clone());
@@ -892,10 +950,10 @@ fn rejected<'s>(rejection: &Rejection, rule: Option<String>) -> Outcome<'s> {
     }
 }
 
-fn carried<'a>(record: &'a Value, paths: &'a [crate::record::FieldPath]) -> Vec<(&'a str, &'a Value)> {
+fn carried<'a>(record: RecordRef<'a>, paths: &'a [crate::record::FieldPath]) -> Vec<(&'a str, &'a Value)> {
     paths
         .iter()
-        .filter_map(|p| p.get(record).map(|v| (p.as_str(), v)))
+        .filter_map(|p| record.get(p).map(|v| (p.as_str(), v)))
         .collect()
 }
 

@@ -102,7 +102,7 @@ fn meter(stream: &Stream, session_id: i64, now: Timestamp, batch: Option<&Batch>
 fn flush_users(stream: &Stream, session_id: i64, now: Timestamp, inputs: &[Input]) -> Result<i64> {
     let users: Vec<String> = inputs
         .iter()
-        .filter_map(|i| stream.fields.user_id.get(&i.record))
+        .filter_map(|i| i.view().get(&stream.fields.user_id))
         .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
         .collect();
     if users.is_empty() {

@@ -4,7 +4,9 @@
 //! timestamp and id are found by dotted paths (the stream's field mapping).
 //! Numbers stay exact: serde_json keeps their text and values become `BigDecimal`.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::rc::Rc;
 use std::str::FromStr;
 
 use bigdecimal::BigDecimal;
@@ -23,6 +25,26 @@ pub const MAX_ID_LEN: usize = 1024;
 pub struct FieldPath {
     text: String,
     parts: Vec<String>,
+    /// The same for every path of the same text (in this backend): a projected
+    /// record finds a path's value by it, without comparing texts.
+    id: u32,
+}
+
+thread_local! {
+    /// Path texts and their ids, for `FieldPath::id`.
+    static PATH_IDS: RefCell<std::collections::HashMap<String, u32>> = RefCell::default();
+}
+
+fn path_id(text: &str) -> u32 {
+    PATH_IDS.with(|ids| {
+        let mut ids = ids.borrow_mut();
+        if let Some(&id) = ids.get(text) {
+            return id;
+        }
+        let id = ids.len() as u32;
+        ids.insert(text.to_string(), id);
+        id
+    })
 }
 
 impl FieldPath {
@@ -37,7 +59,12 @@ impl FieldPath {
         Ok(FieldPath {
             text: text.to_string(),
             parts,
+            id: path_id(text),
         })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
     }
 
     pub fn as_str(&self) -> &str {
@@ -63,6 +90,60 @@ impl FieldPath {
 impl fmt::Display for FieldPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
+    }
+}
+
+/// The fields a stream reads of one record (see `jsonb::Projection`): the value
+/// at each path, by the slot the projection gave the path. A record read this way
+/// costs no map of keys.
+#[derive(Debug, Clone)]
+pub struct Projected {
+    values: Vec<Option<Value>>,
+    /// Slot by path id; `NO_SLOT` for paths not read.
+    slots: Rc<[u32]>,
+}
+
+pub const NO_SLOT: u32 = u32::MAX;
+
+impl Projected {
+    /// `values[slot]`: the value at the path of that slot (`None`: missing or null).
+    pub fn new(values: Vec<Option<Value>>, slots: Rc<[u32]>) -> Projected {
+        Projected { values, slots }
+    }
+
+    fn get(&self, path: &FieldPath) -> Option<&Value> {
+        let slot = *self.slots.get(path.id() as usize)?;
+        self.values.get(slot as usize)?.as_ref()
+    }
+}
+
+/// A record as processing reads it: whole, or the fields a projection read.
+#[derive(Debug, Clone, Copy)]
+pub enum RecordRef<'a> {
+    Whole(&'a Value),
+    /// Always an object's fields (a record that is not an object is read whole).
+    Projected(&'a Projected),
+}
+
+impl<'a> RecordRef<'a> {
+    /// The value at `path`; `None` when missing or null (see `FieldPath::get`).
+    pub fn get(self, path: &FieldPath) -> Option<&'a Value> {
+        match self {
+            RecordRef::Whole(value) => path.get(value),
+            RecordRef::Projected(projected) => projected.get(path),
+        }
+    }
+}
+
+impl<'a> From<&'a Value> for RecordRef<'a> {
+    fn from(value: &'a Value) -> Self {
+        RecordRef::Whole(value)
+    }
+}
+
+impl<'a> From<&'a Projected> for RecordRef<'a> {
+    fn from(projected: &'a Projected) -> Self {
+        RecordRef::Projected(projected)
     }
 }
 
@@ -296,23 +377,30 @@ fn id_text(v: &Value) -> Result<String, String> {
 }
 
 /// Checks the fields every record needs, whatever rule later takes it.
-pub fn extract<'a>(record: &'a Value, fields: &FieldMap, clock: &Clock) -> Result<Extracted<'a>, Rejection> {
-    if !record.is_object() {
-        return Err(Rejection::NotAnObject {
-            found: json_kind(record),
-        });
+pub fn extract<'a>(
+    record: impl Into<RecordRef<'a>>,
+    fields: &FieldMap,
+    clock: &Clock,
+) -> Result<Extracted<'a>, Rejection> {
+    let record = record.into();
+    if let RecordRef::Whole(value) = record {
+        if !value.is_object() {
+            return Err(Rejection::NotAnObject {
+                found: json_kind(value),
+            });
+        }
     }
     let found = FoundFields {
-        user_id: fields.user_id.get(record),
-        id: fields.id.get(record),
-        timestamp: fields.timestamp.get(record),
+        user_id: record.get(&fields.user_id),
+        id: record.get(&fields.id),
+        timestamp: record.get(&fields.timestamp),
     };
     let checked = found.check(fields, clock)?;
     Ok(Extracted {
         user_id: checked.user_id,
         record_id: checked.record_id,
         timestamp: checked.timestamp,
-        value: fields.value.get(record),
+        value: record.get(&fields.value),
     })
 }
 

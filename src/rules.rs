@@ -10,7 +10,7 @@ use std::fmt;
 use bigdecimal::BigDecimal;
 use serde_json::{Map, Value};
 
-use crate::record::{FieldPath, Rejection};
+use crate::record::{FieldPath, RecordRef, Rejection};
 
 pub const MAX_RULES: usize = 100;
 const RULE_KEYS: &[&str] = &[
@@ -71,8 +71,8 @@ pub struct Condition {
 }
 
 impl Condition {
-    pub fn holds(&self, record: &Value) -> bool {
-        let found = self.field.get(record);
+    pub fn holds<'a>(&self, record: impl Into<RecordRef<'a>>) -> bool {
+        let found = record.into().get(&self.field);
         match &self.op {
             Operator::Eq(s) => found.is_some_and(|v| s.matches(v)),
             Operator::Ne(s) => !found.is_some_and(|v| s.matches(v)),
@@ -102,7 +102,8 @@ pub struct Rule {
 
 impl Rule {
     /// No conditions always match.
-    pub fn conditions_hold(&self, record: &Value) -> bool {
+    pub fn conditions_hold<'a>(&self, record: impl Into<RecordRef<'a>>) -> bool {
+        let record = record.into();
         match self.relation {
             Relation::And => self.conditions.iter().all(|c| c.holds(record)),
             Relation::Or => self.conditions.is_empty() || self.conditions.iter().any(|c| c.holds(record)),
@@ -178,6 +179,11 @@ impl RuleSet {
         Ok(RuleSet { rules })
     }
 
+    /// The position of `rule`, one of this set's, among the rules.
+    pub fn index_of(&self, rule: &Rule) -> Option<usize> {
+        self.rules.iter().position(|r| std::ptr::eq(r, rule))
+    }
+
     pub fn meter_types(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| r.meter_type.as_str())
     }
@@ -185,11 +191,12 @@ impl RuleSet {
     /// Evaluates the rules in order. `try_take` is asked about every rule whose
     /// conditions hold; an `Err` makes the record fall through to the next rule,
     /// and the last such refusal becomes the rejection reason.
-    pub fn evaluate<'r>(
+    pub fn evaluate<'r, 'v>(
         &'r self,
-        record: &Value,
+        record: impl Into<RecordRef<'v>>,
         mut try_take: impl FnMut(&'r Rule) -> Result<(), Refusal>,
     ) -> Decision<'r> {
+        let record = record.into();
         if self.rules.is_empty() {
             return Decision::Rejected {
                 rejection: Rejection::NoRules,

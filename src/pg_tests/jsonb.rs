@@ -5,7 +5,7 @@ use pgrx::prelude::*;
 #[pg_schema]
 mod tests {
     use crate::jsonb::{self, Container, Node, Projection};
-    use crate::record::FieldPath;
+    use crate::record::{FieldPath, RecordRef};
     use pgrx::prelude::*;
     use serde_json::{json, Value};
 
@@ -106,6 +106,8 @@ mod tests {
             "b",
             "ab",
             "c.zz",
+            // A path inside another one wanted whole gets its own value too.
+            "meta.a",
         ]
         .iter()
         .map(|p| FieldPath::parse(p).unwrap())
@@ -132,12 +134,18 @@ mod tests {
                 let bytes = unsafe { jsonb::datum_bytes(row) };
                 projection.apply(Container::from_varlena(&bytes).unwrap()).unwrap()
             });
-            assert_eq!(
-                projected,
-                json!({"userId": 7, "device": {"os": "ios"}, "meta": {"a": [1, {"b": 2}]}, "b": 2, "ab": 4, "c": {"zz": 8}})
-            );
+            let projected = RecordRef::from(&projected);
             for path in &paths {
-                assert_eq!(path.get(&projected), path.get(&record), "{path}");
+                assert_eq!(projected.get(path), path.get(&record), "{path}");
+            }
+            assert_eq!(projected.get(&paths[1]), Some(&json!("ios")));
+            assert_eq!(projected.get(&paths[8]), Some(&json!([1, {"b": 2}])));
+            assert_eq!(projected.get(&paths[3]), None);
+            // Fields not named are not read.
+            for unnamed in ["device.model", "other", "a", "c.z", "c"] {
+                let path = FieldPath::parse(unnamed).unwrap();
+                assert!(path.get(&record).is_some(), "{unnamed}");
+                assert_eq!(projected.get(&path), None, "{unnamed}");
             }
         }
     }
