@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use bigdecimal::BigDecimal;
 use jiff::Timestamp;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::record::{describe, parse_decimal, FieldPath, RecordRef, Rejection};
 
@@ -200,18 +200,139 @@ impl<'a> GroupRef<'a> {
         Some(GroupRef { key, values })
     }
 
-    /// The group's fields as stored: each path with its value (null when missing).
-    pub fn fields(&self) -> Map<String, Value> {
-        self.values
+    /// The group's fields as stored: each path with its value (null when missing),
+    /// in key order, each path once.
+    pub fn fields(&self) -> Fields {
+        let mut fields: Fields = self
+            .values
             .iter()
             .map(|(path, value)| (path.to_string(), value.cloned().unwrap_or(Value::Null)))
-            .collect()
+            .collect();
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        fields.dedup_by(|a, b| a.0 == b.0);
+        fields
+    }
+}
+
+/// A group's fields, in key order: a JSON object's pairs. Kept as a vector, not a
+/// map: a meter holds a few groups of a field or two, and a map's smallest node
+/// took about 600 bytes for each.
+pub type Fields = Vec<(String, Value)>;
+
+/// Where `key` is in `fields` (`Err`: where it would go).
+fn field_position(fields: &Fields, key: &str) -> Result<usize, usize> {
+    fields.binary_search_by(|(k, _)| k.as_str().cmp(key))
+}
+
+/// A meter's groups by key, in key order: a sorted vector while there are few (a
+/// tree's smallest node holds eleven groups, and most meters have a handful), a
+/// tree once there are many (an insert into the vector moves the groups after it).
+#[derive(Debug, Clone)]
+pub enum Groups {
+    Few(Vec<(String, GroupState)>),
+    Many(BTreeMap<String, GroupState>),
+}
+
+/// Past this many groups, a meter keeps them in a tree.
+const FEW_GROUPS: usize = 32;
+
+impl Default for Groups {
+    fn default() -> Self {
+        Groups::Few(Vec::new())
+    }
+}
+
+impl PartialEq for Groups {
+    fn eq(&self, other: &Groups) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Groups {
+    pub fn new() -> Groups {
+        Groups::default()
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Groups::Few(groups) => groups.len(),
+            Groups::Many(groups) => groups.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, key: &str) -> Option<&GroupState> {
+        match self {
+            Groups::Few(groups) => groups
+                .binary_search_by(|(k, _)| k.as_str().cmp(key))
+                .ok()
+                .map(|at| &groups[at].1),
+            Groups::Many(groups) => groups.get(key),
+        }
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut GroupState> {
+        match self {
+            Groups::Few(groups) => groups
+                .binary_search_by(|(k, _)| k.as_str().cmp(key))
+                .ok()
+                .map(|at| &mut groups[at].1),
+            Groups::Many(groups) => groups.get_mut(key),
+        }
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Adds a group, or replaces the one of that key.
+    pub fn insert(&mut self, key: String, state: GroupState) {
+        match self {
+            Groups::Few(groups) => match groups.binary_search_by(|(k, _)| k.as_str().cmp(&key)) {
+                Ok(at) => groups[at].1 = state,
+                Err(_) if groups.len() >= FEW_GROUPS => {
+                    let mut many: BTreeMap<String, GroupState> = std::mem::take(groups).into_iter().collect();
+                    many.insert(key, state);
+                    *self = Groups::Many(many);
+                }
+                Err(at) => groups.insert(at, (key, state)),
+            },
+            Groups::Many(groups) => {
+                groups.insert(key, state);
+            }
+        }
+    }
+
+    /// The groups in key order.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = (&String, &GroupState)> + '_> {
+        match self {
+            Groups::Few(groups) => Box::new(groups.iter().map(|(k, g)| (k, g))),
+            Groups::Many(groups) => Box::new(groups.iter()),
+        }
+    }
+
+    pub fn values_mut(&mut self) -> Box<dyn Iterator<Item = &mut GroupState> + '_> {
+        match self {
+            Groups::Few(groups) => Box::new(groups.iter_mut().map(|(_, g)| g)),
+            Groups::Many(groups) => Box::new(groups.values_mut()),
+        }
+    }
+}
+
+impl std::ops::Index<&str> for Groups {
+    type Output = GroupState;
+
+    fn index(&self, key: &str) -> &GroupState {
+        self.get(key).expect("a group of that key")
     }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupState {
-    pub fields: Map<String, Value>,
+    pub fields: Fields,
     pub value: Option<BigDecimal>,
     /// `latest` only: the time of the record that set `value`.
     pub latest_at: Option<Timestamp>,
@@ -235,9 +356,9 @@ pub struct MeterState {
     pub value: Option<BigDecimal>,
     /// `latest` only: the time of the record that set `value`.
     pub latest_at: Option<Timestamp>,
-    pub groups: BTreeMap<String, GroupState>,
-    pub carry_first: Map<String, Value>,
-    pub carry_last: Map<String, Value>,
+    pub groups: Groups,
+    pub carry_first: Fields,
+    pub carry_last: Fields,
     pub first_record_at: Option<Timestamp>,
     pub last_record_at: Option<Timestamp>,
     pub record_count: i64,
@@ -250,9 +371,9 @@ impl MeterState {
             aggregation,
             value: aggregation.reset_value(),
             latest_at: None,
-            groups: BTreeMap::new(),
-            carry_first: Map::new(),
-            carry_last: Map::new(),
+            groups: Groups::new(),
+            carry_first: Fields::new(),
+            carry_last: Fields::new(),
             first_record_at: None,
             last_record_at: None,
             record_count: 0,
@@ -294,18 +415,16 @@ impl MeterState {
             );
         }
         for (field, value) in &usage.carry_first {
-            if !self.carry_first.contains_key(*field) {
-                self.carry_first.insert(field.to_string(), (*value).clone());
+            if let Err(at) = field_position(&self.carry_first, field) {
+                self.carry_first.insert(at, (field.to_string(), (*value).clone()));
             }
         }
         for (field, value) in &usage.carry_last {
-            match self.carry_last.get_mut(*field) {
+            match field_position(&self.carry_last, field) {
                 // Most records carry what the last one did: nothing to copy.
-                Some(kept) if kept == *value => {}
-                Some(kept) => *kept = (*value).clone(),
-                None => {
-                    self.carry_last.insert(field.to_string(), (*value).clone());
-                }
+                Ok(at) if self.carry_last[at].1 == **value => {}
+                Ok(at) => self.carry_last[at].1 = (*value).clone(),
+                Err(at) => self.carry_last.insert(at, (field.to_string(), (*value).clone())),
             }
         }
         self.first_record_at = Some(self.first_record_at.map_or(usage.at, |t| t.min(usage.at)));
@@ -475,7 +594,10 @@ mod tests {
         let group_by = [FieldPath::parse("region").unwrap(), FieldPath::parse("plan").unwrap()];
         let first = GroupRef::of(&record, &group_by).unwrap();
         assert_eq!(first.key, "region=eu|plan=pro");
-        assert_eq!(Value::Object(first.fields()), json!({"region": "eu", "plan": "pro"}));
+        assert_eq!(
+            first.fields(),
+            vec![("plan".to_string(), json!("pro")), ("region".to_string(), json!("eu"))]
+        );
         let mut state = MeterState::reset(Aggregation::Sum);
         let mut seen = HashSet::new();
         let os = json!("ios");
@@ -524,11 +646,14 @@ mod tests {
                 ("region=us|plan=free".into(), "2".into())
             ]
         );
-        assert_eq!(Value::Object(state.carry_first.clone()), json!({"plan": "pro"}));
+        let object = |fields: &Fields| Value::Object(fields.iter().cloned().collect());
+        assert_eq!(object(&state.carry_first), json!({"plan": "pro"}));
         assert_eq!(
-            Value::Object(state.carry_last.clone()),
+            object(&state.carry_last),
             json!({"sessionId": "s2", "device.os": "ios"})
         );
+        // In key order, as a JSON object has them.
+        assert_eq!(state.carry_last[0].0, "device.os");
         assert_eq!(
             (state.first_record_at, state.last_record_at, state.record_count),
             (Some(at(1)), Some(at(9)), 3)
@@ -541,7 +666,7 @@ mod tests {
         let record = json!({"a": "x|b=y"});
         let tricky = GroupRef::of(&record, &group_by).unwrap();
         assert_eq!(tricky.key, "a=x\\|b\\=y|b=");
-        assert_eq!(tricky.fields().get("b"), Some(&Value::Null));
+        assert_eq!(tricky.fields()[1], ("b".to_string(), Value::Null));
         assert_ne!(
             tricky.key,
             GroupRef::of(&json!({"a": "x", "b": "y|b="}), &group_by).unwrap().key
@@ -596,6 +721,36 @@ mod tests {
     }
 
     proptest! {
+        /// Groups answer as a tree of the same inserts would, on both sides of
+        /// the switch from a vector to a tree.
+        #[test]
+        fn groups_behave_as_a_sorted_map(inserts in prop::collection::vec((0u32..80, 0i64..1000), 0..200)) {
+            let mut groups = Groups::new();
+            let mut model = BTreeMap::new();
+            let state = |v: i64| GroupState { fields: vec![], value: Some(BigDecimal::from(v)), latest_at: None };
+            for (key, value) in inserts {
+                let key = format!("k={key}");
+                if value % 3 == 0 {
+                    if let Some(group) = groups.get_mut(&key) {
+                        group.value = Some(BigDecimal::from(value));
+                    }
+                    if let Some(group) = model.get_mut(&key) {
+                        *group = state(value);
+                    }
+                } else {
+                    groups.insert(key.clone(), state(value));
+                    model.insert(key, state(value));
+                }
+                prop_assert_eq!(groups.len(), model.len());
+            }
+            prop_assert!(groups.iter().eq(model.iter()));
+            prop_assert_eq!(matches!(groups, Groups::Many(_)), model.len() > FEW_GROUPS);
+            for (key, group) in &model {
+                prop_assert_eq!(&groups[key.as_str()], group);
+            }
+            prop_assert!(!groups.contains_key("absent"));
+        }
+
         #[test]
         fn order_does_not_matter_for_order_free_aggregations(
             values in prop::collection::vec((decimal(), 0i64..1000, 0usize..4), 1..60),

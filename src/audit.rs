@@ -22,14 +22,22 @@ use crate::sql;
 #[derive(Default)]
 pub struct AuditRows {
     entries: Vec<Entry>,
-    /// User id and period start of each meter with entries.
-    meters: HashMap<i64, (String, Timestamp)>,
+    /// Each meter with entries: its position in `heads`.
+    meters: HashMap<i64, u32>,
+    heads: Vec<MeterHead>,
     /// Rule names, each once; `Entry::rule` is a position in it.
     rule_names: Vec<String>,
 }
 
-struct Entry {
+struct MeterHead {
     meter_id: i64,
+    user_id: String,
+    period_start: Timestamp,
+}
+
+struct Entry {
+    /// The meter's position in `AuditRows::heads`.
+    meter: u32,
     usage_id: Option<i64>,
     record_id: Option<String>,
     rule: u32,
@@ -100,12 +108,21 @@ impl AuditRows {
                 self.rule_names.len() - 1
             }
         } as u32;
-        if !self.meters.contains_key(&record.meter_id) {
-            self.meters
-                .insert(record.meter_id, (record.user_id.to_string(), record.period_start));
-        }
+        let meter = match self.meters.get(&record.meter_id) {
+            Some(&at) => at,
+            None => {
+                let at = self.heads.len() as u32;
+                self.meters.insert(record.meter_id, at);
+                self.heads.push(MeterHead {
+                    meter_id: record.meter_id,
+                    user_id: record.user_id.to_string(),
+                    period_start: record.period_start,
+                });
+                at
+            }
+        };
         self.entries.push(Entry {
-            meter_id: record.meter_id,
+            meter,
             usage_id: record.usage_id,
             record_id: record.record_id,
             rule,
@@ -132,17 +149,40 @@ impl AuditRows {
         )?
         .expect("the audit table has a row type");
         let AuditRows {
-            mut entries,
-            meters,
+            entries,
+            heads,
             rule_names,
+            ..
         } = self;
-        // Stable: each meter's records stay in the order they were metered.
-        entries.sort_by_key(|entry| entry.meter_id);
-        let by_meter: Vec<&[Entry]> = entries.chunk_by(|a, b| a.meter_id == b.meter_id).collect();
+        // Each meter's entries, in the order they were metered (a counting sort:
+        // moving the entries themselves cost more than writing them).
+        let mut starts = vec![0u32; heads.len() + 1];
+        for entry in &entries {
+            starts[entry.meter as usize + 1] += 1;
+        }
+        for at in 1..starts.len() {
+            starts[at] += starts[at - 1];
+        }
+        let mut next = starts.clone();
+        let mut positions = vec![0u32; entries.len()];
+        for (position, entry) in entries.iter().enumerate() {
+            let slot = &mut next[entry.meter as usize];
+            positions[*slot as usize] = position as u32;
+            *slot += 1;
+        }
+        let mut by_meter: Vec<MeterRows> = heads
+            .iter()
+            .enumerate()
+            .map(|(at, head)| MeterRows {
+                head,
+                positions: &positions[starts[at] as usize..starts[at + 1] as usize],
+            })
+            .collect();
+        by_meter.sort_unstable_by_key(|rows| rows.head.meter_id);
         for batch in by_meter.chunks(ROWS_PER_STATEMENT) {
             sql::in_chunk_context(|| {
                 // SAFETY: the row type is the audit table's, looked up just now.
-                let rows = unsafe { row_array(batch, &meters, &rule_names, row_type, stream_id, session_id) };
+                let rows = unsafe { row_array(batch, &entries, &rule_names, row_type, stream_id, session_id) };
                 sql::with_generic_plans(|| {
                     sql::execute(
                         "INSERT INTO meter.usage_audit_batches
@@ -160,6 +200,12 @@ impl AuditRows {
     }
 }
 
+/// One meter's entries, by position in the log.
+struct MeterRows<'a> {
+    head: &'a MeterHead,
+    positions: &'a [u32],
+}
+
 /// Meters whose audit rows one INSERT takes.
 const ROWS_PER_STATEMENT: usize = 1000;
 
@@ -169,8 +215,8 @@ const ROWS_PER_STATEMENT: usize = 1000;
 /// # Safety
 /// `row_type` must be the row type of `meter.usage_audit_batches`.
 unsafe fn row_array(
-    batch: &[&[Entry]],
-    meters: &HashMap<i64, (String, Timestamp)>,
+    batch: &[MeterRows],
+    entries: &[Entry],
     rule_names: &[String],
     row_type: pg_sys::Oid,
     stream_id: i64,
@@ -213,9 +259,13 @@ unsafe fn row_array(
     let rule_texts: Vec<pg_sys::Datum> = rule_names.iter().map(|name| sql::text_datum(name)).collect();
     let mut buffers = sql::ArrayBuffers::default();
     let mut elements = Vec::with_capacity(batch.len());
-    for &records in batch {
-        let meter_id = records[0].meter_id;
-        let (user_id, period_start) = &meters[&meter_id];
+    for rows in batch {
+        let MeterHead {
+            meter_id,
+            user_id,
+            period_start,
+        } = rows.head;
+        let records = || rows.positions.iter().map(|&at| &entries[at as usize]);
         let mut array_of = |element: &sql::ElementType, values: &mut dyn Iterator<Item = Option<pg_sys::Datum>>| {
             Some(element.array_of(values, &mut buffers))
         };
@@ -225,17 +275,14 @@ unsafe fn row_array(
             meter_id.into_datum(),
             user_id.as_str().into_datum(),
             to_timestamptz(*period_start).into_datum(),
-            array_of(&int8, &mut records.iter().map(|r| r.usage_id.map(pg_sys::Datum::from))),
+            array_of(&int8, &mut records().map(|r| r.usage_id.map(pg_sys::Datum::from))),
             array_of(
                 &text,
-                &mut records.iter().map(|r| r.record_id.as_deref().map(sql::text_datum)),
+                &mut records().map(|r| r.record_id.as_deref().map(sql::text_datum)),
             ),
-            array_of(&text, &mut records.iter().map(|r| Some(rule_texts[r.rule as usize]))),
-            array_of(&numeric, &mut records.iter().map(|r| Some(r.amount.to_numeric()))),
-            array_of(
-                &timestamptz,
-                &mut records.iter().map(|r| to_timestamptz(r.at).into_datum()),
-            ),
+            array_of(&text, &mut records().map(|r| Some(rule_texts[r.rule as usize]))),
+            array_of(&numeric, &mut records().map(|r| Some(r.amount.to_numeric()))),
+            array_of(&timestamptz, &mut records().map(|r| to_timestamptz(r.at).into_datum())),
         ];
         for (&column, field) in at.iter().zip(fields) {
             nulls[column] = field.is_none();

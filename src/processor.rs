@@ -616,7 +616,7 @@ impl<'s> Processor<'s> {
         // the stream's every meter on each call, filtering by user.
         let rows = sql::with_generic_lookups(|| {
             Spi::connect_mut(|client| -> Result<Vec<(MeterKey, Slot)>> {
-                let mut rows = Vec::new();
+                let mut rows = Vec::with_capacity(users.len() * type_ids.len());
                 for row in sql::run(client, &query, &[self.stream.id.into(), users.to_vec().into()])? {
                     let type_id = row.get::<i64>(2)?.unwrap();
                     if !type_ids.contains(&type_id) {
@@ -648,6 +648,8 @@ impl<'s> Processor<'s> {
                 Ok(rows)
             })
         })?;
+        self.meters.slots.reserve(rows.len());
+        self.meters.heads.reserve(rows.len());
         for (key, slot) in rows {
             self.meters.insert(key, slot);
         }
@@ -719,7 +721,8 @@ impl<'s> Processor<'s> {
     /// ids seen earlier in the chunk, or already claimed within the retention.
     fn claim_record_ids(&mut self, taken: &[Taken]) -> Result<HashSet<usize>> {
         let mut duplicates = HashSet::default();
-        let mut first_in_chunk: HashMap<&str, usize> = HashMap::default();
+        let mut first_in_chunk: HashMap<&str, usize> =
+            HashMap::with_capacity_and_hasher(taken.len(), Default::default());
         for item in taken {
             if let Some(id) = item.record_id {
                 if first_in_chunk.contains_key(id) {
@@ -1019,7 +1022,7 @@ impl StoredState {
             .and_then(|s| serde_json::from_str(s).ok())
             .unwrap_or(Value::Null);
         let time = |v: Option<&Value>| v.and_then(Value::as_str).and_then(|s| s.parse::<Timestamp>().ok());
-        let mut groups = std::collections::BTreeMap::new();
+        let mut groups = crate::aggregate::Groups::new();
         if let Ok(Value::Array(items)) = serde_json::from_str::<Value>(&self.groups) {
             for item in items {
                 let Some(key) = item.get("key").and_then(Value::as_str).map(str::to_string) else {
@@ -1028,7 +1031,7 @@ impl StoredState {
                 let fields = item
                     .get("fields")
                     .and_then(Value::as_object)
-                    .cloned()
+                    .map(|fields| fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                     .unwrap_or_default();
                 let value = item
                     .get("value")
@@ -1045,9 +1048,14 @@ impl StoredState {
                 );
             }
         }
+        // Carried fields in key order, as `MeterState` looks them up.
         let object = |text: &str| match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(map)) => map,
-            _ => Map::new(),
+            Ok(Value::Object(map)) => {
+                let mut fields: crate::aggregate::Fields = map.into_iter().collect();
+                fields.sort_by(|a, b| a.0.cmp(&b.0));
+                fields
+            }
+            _ => Vec::new(),
         };
         MeterState {
             aggregation,
@@ -1069,7 +1077,7 @@ impl StoredState {
             .map(|(key, g)| {
                 serde_json::json!({
                     "key": key,
-                    "fields": Value::Object(g.fields.clone()),
+                    "fields": Value::Object(g.fields.iter().cloned().collect()),
                     "value": g.value.as_ref().map(json_number).unwrap_or(Value::Null),
                 })
             })
@@ -1090,8 +1098,8 @@ impl StoredState {
             aggregation: state.aggregation.name().to_string(),
             value: state.value.as_ref().map(BigDecimal::to_plain_string),
             groups: Value::Array(groups).to_string(),
-            carry_first: Value::Object(state.carry_first.clone()).to_string(),
-            carry_last: Value::Object(state.carry_last.clone()).to_string(),
+            carry_first: Value::Object(state.carry_first.iter().cloned().collect()).to_string(),
+            carry_last: Value::Object(state.carry_last.iter().cloned().collect()).to_string(),
             aggregation_state,
             first_record_at: state.first_record_at,
             last_record_at: state.last_record_at,
