@@ -155,11 +155,11 @@ impl SeenValues for HashSet<(String, String)> {
 /// The group a record falls in: `{"key": "region=eu|plan=pro", "fields": {...}}`.
 /// It borrows the record's fields: most records fall in a group their meter
 /// already has, and only a new group needs them copied (`fields`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GroupRef<'a> {
     pub key: String,
-    /// Each `group_by` path with the record's value there (`None`: missing).
-    values: Vec<(&'a str, Option<&'a Value>)>,
+    record: RecordRef<'a>,
+    group_by: &'a [FieldPath],
 }
 
 impl<'a> GroupRef<'a> {
@@ -172,7 +172,6 @@ impl<'a> GroupRef<'a> {
         }
         let record = record.into();
         let mut key = String::new();
-        let mut values = Vec::with_capacity(group_by.len());
         for (i, path) in group_by.iter().enumerate() {
             let value = record.get(path);
             if i > 0 {
@@ -195,18 +194,17 @@ impl<'a> GroupRef<'a> {
                 }
                 key.push(c);
             }
-            values.push((path.as_str(), value));
         }
-        Some(GroupRef { key, values })
+        Some(GroupRef { key, record, group_by })
     }
 
     /// The group's fields as stored: each path with its value (null when missing),
     /// in key order, each path once.
     pub fn fields(&self) -> Fields {
         let mut fields: Fields = self
-            .values
+            .group_by
             .iter()
-            .map(|(path, value)| (path.to_string(), value.cloned().unwrap_or(Value::Null)))
+            .map(|path| (path.to_string(), self.record.get(path).cloned().unwrap_or(Value::Null)))
             .collect();
         fields.sort_by(|a, b| a.0.cmp(&b.0));
         fields.dedup_by(|a, b| a.0 == b.0);
@@ -345,8 +343,8 @@ pub struct Usage<'a> {
     /// The record's time (its timestamp, or the processing time).
     pub at: Timestamp,
     pub group: Option<GroupRef<'a>>,
-    pub carry_first: Vec<(&'a str, &'a Value)>,
-    pub carry_last: Vec<(&'a str, &'a Value)>,
+    pub carry_first: &'a [(&'a str, &'a Value)],
+    pub carry_last: &'a [(&'a str, &'a Value)],
 }
 
 /// A meter's state for its current period.
@@ -385,7 +383,7 @@ impl MeterState {
     /// unique_count).
     pub fn apply(&mut self, usage: &Usage, seen: &mut dyn SeenValues) -> BigDecimal {
         let aggregation = self.aggregation;
-        let applied = fold(
+        let applied = match fold(
             aggregation,
             &mut self.value,
             &mut self.latest_at,
@@ -393,7 +391,14 @@ impl MeterState {
             usage.at,
             "",
             seen,
-        );
+        ) {
+            Applied::Amount => match &usage.contribution {
+                Contribution::Amount(v) => v.clone(),
+                _ => BigDecimal::from(0),
+            },
+            Applied::One => BigDecimal::from(1),
+            Applied::Zero => BigDecimal::from(0),
+        };
         if let Some(group) = &usage.group {
             if !self.groups.contains_key(&group.key) {
                 let state = GroupState {
@@ -414,12 +419,12 @@ impl MeterState {
                 seen,
             );
         }
-        for (field, value) in &usage.carry_first {
+        for (field, value) in usage.carry_first {
             if let Err(at) = field_position(&self.carry_first, field) {
                 self.carry_first.insert(at, (field.to_string(), (*value).clone()));
             }
         }
-        for (field, value) in &usage.carry_last {
+        for (field, value) in usage.carry_last {
             match field_position(&self.carry_last, field) {
                 // Most records carry what the last one did: nothing to copy.
                 Ok(at) if self.carry_last[at].1 == **value => {}
@@ -434,6 +439,15 @@ impl MeterState {
     }
 }
 
+/// What a record added to a value (see `MeterState::apply`), without building it:
+/// a group's fold does not need it.
+enum Applied {
+    /// The contribution's amount.
+    Amount,
+    One,
+    Zero,
+}
+
 fn fold(
     aggregation: Aggregation,
     value: &mut Option<BigDecimal>,
@@ -442,28 +456,35 @@ fn fold(
     at: Timestamp,
     group_key: &str,
     seen: &mut dyn SeenValues,
-) -> BigDecimal {
-    let one = || BigDecimal::from(1);
+) -> Applied {
+    // Added in place: most values are kept, and the addition reuses their digits.
+    let add_one = |value: &mut Option<BigDecimal>| match value {
+        Some(current) => *current += 1u32,
+        None => *value = Some(BigDecimal::from(1)),
+    };
     match (aggregation, contribution) {
         (Aggregation::Sum, Contribution::Amount(v)) => {
-            *value = Some(value.take().unwrap_or_default() + v);
-            v.clone()
+            match value {
+                Some(current) => *current += v,
+                None => *value = Some(v.clone()),
+            }
+            Applied::Amount
         }
         (Aggregation::Increment, _) => {
-            *value = Some(value.take().unwrap_or_default() + one());
-            one()
+            add_one(value);
+            Applied::One
         }
         (Aggregation::Min, Contribution::Amount(v)) => {
             if value.as_ref().is_none_or(|current| v < current) {
                 *value = Some(v.clone());
             }
-            v.clone()
+            Applied::Amount
         }
         (Aggregation::Max, Contribution::Amount(v)) => {
             if value.as_ref().is_none_or(|current| v > current) {
                 *value = Some(v.clone());
             }
-            v.clone()
+            Applied::Amount
         }
         (Aggregation::Latest, Contribution::Amount(v)) => {
             // Ties go to the record processed later.
@@ -471,19 +492,19 @@ fn fold(
                 *value = Some(v.clone());
                 *latest_at = Some(at);
             }
-            v.clone()
+            Applied::Amount
         }
         (Aggregation::UniqueCount, Contribution::Distinct(key)) => {
             if seen.first_sighting(group_key, key) {
-                *value = Some(value.take().unwrap_or_default() + one());
-                one()
+                add_one(value);
+                Applied::One
             } else {
-                BigDecimal::from(0)
+                Applied::Zero
             }
         }
         // The processor builds the contribution from the aggregation, so other
         // pairs do not occur; they change nothing.
-        _ => BigDecimal::from(0),
+        _ => Applied::Zero,
     }
 }
 
@@ -506,8 +527,8 @@ mod tests {
             contribution,
             at: at(secs),
             group: None,
-            carry_first: vec![],
-            carry_last: vec![],
+            carry_first: &[],
+            carry_last: &[],
         }
     }
 
@@ -608,8 +629,8 @@ mod tests {
                 contribution: amount("10"),
                 at: at(5),
                 group: Some(first.clone()),
-                carry_first: vec![("plan", &pro)],
-                carry_last: vec![("sessionId", &s1), ("device.os", &os)],
+                carry_first: &[("plan", &pro)],
+                carry_last: &[("sessionId", &s1), ("device.os", &os)],
             },
             &mut seen,
         );
@@ -618,8 +639,8 @@ mod tests {
                 contribution: amount("2"),
                 at: at(1),
                 group: GroupRef::of(&record2, &group_by),
-                carry_first: vec![("plan", &free)],
-                carry_last: vec![("sessionId", &s2)],
+                carry_first: &[("plan", &free)],
+                carry_last: &[("sessionId", &s2)],
             },
             &mut seen,
         );
@@ -628,8 +649,8 @@ mod tests {
                 contribution: amount("1"),
                 at: at(9),
                 group: Some(first),
-                carry_first: vec![],
-                carry_last: vec![],
+                carry_first: &[],
+                carry_last: &[],
             },
             &mut seen,
         );
@@ -686,8 +707,8 @@ mod tests {
                     contribution: Contribution::Distinct(device.to_string()),
                     at: at(0),
                     group: GroupRef::of(&record, &group_by),
-                    carry_first: vec![],
-                    carry_last: vec![],
+                    carry_first: &[],
+                    carry_last: &[],
                 },
                 &mut seen,
             );
@@ -707,8 +728,8 @@ mod tests {
             contribution: Contribution::Amount(tenth),
             at: at(0),
             group: None,
-            carry_first: vec![],
-            carry_last: vec![],
+            carry_first: &[],
+            carry_last: &[],
         };
         for _ in 0..1_000_000 {
             state.apply(&u, &mut seen);
@@ -767,8 +788,8 @@ mod tests {
                     },
                     at: at(*t),
                     group: GroupRef::of(r, &group_by),
-                    carry_first: vec![],
-                    carry_last: vec![],
+                    carry_first: &[],
+                    carry_last: &[],
                 }).collect();
                 let mut state = run(aggregation, &usages);
                 // Normalise scale so 1.50 and 1.5 compare equal.

@@ -456,6 +456,7 @@ impl<'s> Processor<'s> {
         // Without their borrows of `extracted`, whose ids each record's outcome and
         // audit row then take over instead of copying.
         let taken: Vec<Applying> = taken.into_iter().map(Applying::from).collect();
+        let (mut carry_first, mut carry_last) = (Vec::new(), Vec::new());
         for item in taken {
             let input = &inputs[item.index];
             let record = extracted[item.index].as_mut().expect("taken records were extracted");
@@ -470,12 +471,14 @@ impl<'s> Processor<'s> {
                 continue;
             }
             let slot = &mut self.meters.slots[item.slot.expect("taken records have a meter")];
+            carried(input.view(), &item.rule.carry_first, &mut carry_first);
+            carried(input.view(), &item.rule.carry_last, &mut carry_last);
             let usage = Usage {
                 contribution: item.contribution,
                 at: item.at,
                 group: GroupRef::of(input.view(), &item.rule.group_by),
-                carry_first: carried(input.view(), &item.rule.carry_first),
-                carry_last: carried(input.view(), &item.rule.carry_last),
+                carry_first: &carry_first,
+                carry_last: &carry_last,
             };
             let value = match self.mode {
                 Mode::Apply => {
@@ -953,11 +956,10 @@ fn rejected<'s>(rejection: &Rejection, rule: Option<String>) -> Outcome<'s> {
     }
 }
 
-fn carried<'a>(record: RecordRef<'a>, paths: &'a [crate::record::FieldPath]) -> Vec<(&'a str, &'a Value)> {
-    paths
-        .iter()
-        .filter_map(|p| record.get(p).map(|v| (p.as_str(), v)))
-        .collect()
+/// The fields of `paths` the record has, into `into` (a buffer each record reuses).
+fn carried<'a>(record: RecordRef<'a>, paths: &'a [crate::record::FieldPath], into: &mut Vec<(&'a str, &'a Value)>) {
+    into.clear();
+    into.extend(paths.iter().filter_map(|p| record.get(p).map(|v| (p.as_str(), v))));
 }
 
 /// unique_count memory: values stored before this chunk, plus those this chunk adds.
