@@ -62,6 +62,9 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 least() { awk -v a="$1" -v b="$2" 'BEGIN { print (a == "" || b + 0 < a + 0) ? b : a }'; }
 vacuum() { "${PSQL[@]}" -d bench -c "VACUUM ANALYZE $1" >/dev/null; }
+# Before each timed workload, either side's: the pages the setup (and the workload
+# before) dirtied are written now, not by whichever workload comes next.
+settle() { sql "CHECKPOINT" >/dev/null; }
 
 say "generating ${RECORDS} records for ${USERS} users (${FLUSH_METERS} meters for the flush)"
 "${PSQL[@]}" -d bench -c "CREATE EXTENSION meter_ext" >/dev/null
@@ -132,22 +135,26 @@ for round in $(seq "$ROUNDS"); do
     [ "$round" = 1 ] || reset_baseline
     sql "INSERT INTO bench.inbox (record) SELECT record FROM bench.records ORDER BY i" >/dev/null
     vacuum bench.inbox
+    settle
     t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
     baseline=$(least "$baseline" "$(elapsed "$t0" "$t1")")
 
     [ "$round" = 1 ] || reset_meters
     fill_inbox
+    settle
     t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
     ours_audit=$(least "$ours_audit" "$(elapsed "$t0" "$t1")")
     [ "$CHECK" ] && [ "$round" = 1 ] && check_meters "benchmark ids"
     reset_meters
     fill_inbox
     sql "SELECT meter.alter_stream('bench', audit => false)" >/dev/null
+    settle
     t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
     ours_plain=$(least "$ours_plain" "$(elapsed "$t0" "$t1")")
     sql "SELECT meter.alter_stream('bench', audit => true)" >/dev/null
     reset_meters
     fill_inbox_single
+    settle
     t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
     ours_single=$(least "$ours_single" "$(elapsed "$t0" "$t1")")
 done
@@ -165,6 +172,7 @@ reset_baseline
 sql "INSERT INTO bench.seen (id) SELECT id FROM bench.random_metered;
      INSERT INTO bench.inbox (record) SELECT record FROM bench.random_ids ORDER BY i" >/dev/null
 vacuum "bench.seen, bench.inbox"
+settle
 t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
 random_baseline=$(elapsed "$t0" "$t1")
 reset_meters
@@ -173,6 +181,7 @@ sql "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at)
      INSERT INTO meter.usage (stream, record)
      SELECT 'bench', jsonb_agg(record ORDER BY i) FROM bench.random_ids GROUP BY (i - 1) / $INGEST_BATCH ORDER BY 1" >/dev/null
 vacuum "meter.dedupe_keys, meter.usage"
+settle
 t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
 random_ours=$(elapsed "$t0" "$t1")
 [ "$CHECK" ] && check_meters "random ids"
@@ -180,6 +189,7 @@ reset_meters
 reset_baseline
 
 sql "TRUNCATE bench.seen" >/dev/null
+settle
 t0=$(now); sql "INSERT INTO bench.trigger_inbox SELECT record FROM bench.records WHERE i <= $TRIGGER_RECORDS" >/dev/null; t1=$(now)
 trigger=$(awk -v s="$(elapsed "$t0" "$t1")" 'BEGIN { printf "%.3f", s * '"$RECORDS"' / '"$TRIGGER_RECORDS"' }')
 trigger_name="per-row trigger"
@@ -203,7 +213,9 @@ for round in $(seq "$ROUNDS"); do
     sql "TRUNCATE bench.copy_target" >/dev/null
     sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
     vacuum "bench.copy_target, meter.usage"
+    settle
     copy=$(least "$copy" "$(bench/ingest.py "$port" "$ndjson" copy)")
+    settle
     read -r seconds accepted < <(bench/ingest.py "$port" "$ndjson" ingest bench_ingest "$INGEST_BATCH")
     ingest=$(least "$ingest" "$seconds")
     [ "$accepted" = "$RECORDS" ] || { echo "ingest accepted $accepted of $RECORDS records" >&2; exit 1; }
@@ -230,10 +242,12 @@ ucopy="" uchecked="" uunchecked=""
 for round in $(seq $((ROUNDS < 2 ? ROUNDS : 2))); do
     sql "TRUNCATE bench.copy_target" >/dev/null
     vacuum bench.copy_target
+    settle
     ucopy=$(least "$ucopy" "$(bench/ingest.py "$port" "$uuids" copy)")
     for checks in on off; do
         sql "DELETE FROM meter.usage WHERE stream = 'bench_uuid'" >/dev/null
         vacuum meter.usage
+        settle
         read -r seconds accepted < <(PGOPTIONS="-c meter_ext.ingest_checks_metered_ids=$checks" \
             bench/ingest.py "$port" "$uuids" ingest bench_uuid "$INGEST_BATCH")
         [ "$accepted" = "$RECORDS" ] || { echo "ingest accepted $accepted of $RECORDS random ids" >&2; exit 1; }
@@ -268,8 +282,10 @@ for round in $(seq "$ROUNDS"); do
     sql "CREATE TABLE bench.flush_meters AS SELECT * FROM bench.flush_template" >/dev/null
     sql "ALTER TABLE bench.flush_meters ADD PRIMARY KEY (id)" >/dev/null
     vacuum "meter.meters, meter.flushed, bench.flush_meters, bench.flush_outbox"
+    settle
     t0=$(now); sql "SELECT bench.bare_flush()" >/dev/null; t1=$(now)
     bare=$(least "$bare" "$(elapsed "$t0" "$t1")")
+    settle
     t0=$(now); sql "SELECT status FROM meter.run_stream('bench_flush')" >/dev/null; t1=$(now)
     flush=$(least "$flush" "$(elapsed "$t0" "$t1")")
     flushed=$(sql "SELECT count(*) FROM meter.flushed f JOIN meter.streams s ON s.id = f.stream_id WHERE s.name = 'bench_flush'")
