@@ -171,7 +171,7 @@ impl<'a> GroupRef<'a> {
             return None;
         }
         let record = record.into();
-        let mut key = String::new();
+        let mut key = String::with_capacity(32);
         for (i, path) in group_by.iter().enumerate() {
             let value = record.get(path);
             if i > 0 {

@@ -96,6 +96,12 @@ pub struct AuditedRecord<'a> {
 }
 
 impl AuditRows {
+    /// Room for `additional` more rows, taken now rather than by doubling as
+    /// they come (each doubling copied the rows so far).
+    pub fn reserve(&mut self, additional: usize) {
+        self.entries.reserve_exact(additional);
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -278,7 +278,7 @@ pub fn take_chunk(stream: &str, after: i64, limit: i64, projection: &Projection)
         },
     )?;
     rows.sort_by_key(|row| row.0);
-    let mut inputs = Vec::new();
+    let mut inputs = Vec::with_capacity(limit.clamp(0, 100_000) as usize);
     let mut next = upto;
     for (id, stored, received_at) in rows {
         let room = (limit as usize).saturating_sub(inputs.len());

@@ -175,15 +175,42 @@ struct Meters {
     /// Each slot's `closed` and aggregation, apart: the rules' pass reads only
     /// these, and a few bytes per meter stay in cache where a slot would not.
     heads: Vec<(bool, Aggregation)>,
-    /// Every loaded user, with `(meter type id, slot)` for each of its meters
-    /// (a few): a user without meters is loaded too.
-    by_user: HashMap<String, Vec<(i64, usize)>>,
+    /// Every loaded user, with its meters: a user without meters is loaded too.
+    by_user: HashMap<String, UserMeters>,
+}
+
+/// A user's meters, `(meter type id, slot)` each: the first few in place (a user
+/// has a meter per type its stream's rules name, usually a handful), so finding one
+/// reads no memory but the map's entry.
+#[derive(Default)]
+struct UserMeters {
+    first: [(i64, usize); 4],
+    len: usize,
+    more: Vec<(i64, usize)>,
+}
+
+impl UserMeters {
+    fn find(&self, type_id: i64) -> Option<usize> {
+        let first = &self.first[..self.len.min(self.first.len())];
+        first
+            .iter()
+            .chain(&self.more)
+            .find(|(t, _)| *t == type_id)
+            .map(|&(_, at)| at)
+    }
+
+    fn push(&mut self, type_id: i64, at: usize) {
+        match self.first.get_mut(self.len) {
+            Some(free) => *free = (type_id, at),
+            None => self.more.push((type_id, at)),
+        }
+        self.len += 1;
+    }
 }
 
 impl Meters {
     fn find(&self, type_id: i64, user_id: &str) -> Option<usize> {
-        let meters = self.by_user.get(user_id)?;
-        meters.iter().find(|(t, _)| *t == type_id).map(|(_, at)| *at)
+        self.by_user.get(user_id)?.find(type_id)
     }
 
     fn is_loaded(&self, user_id: &str) -> bool {
@@ -192,7 +219,7 @@ impl Meters {
 
     fn mark_loaded(&mut self, user_id: &str) {
         if !self.by_user.contains_key(user_id) {
-            self.by_user.insert(user_id.to_string(), Vec::new());
+            self.by_user.insert(user_id.to_string(), UserMeters::default());
         }
     }
 
@@ -200,8 +227,8 @@ impl Meters {
     /// changes are kept).
     fn insert(&mut self, (type_id, user_id): MeterKey, slot: Slot) {
         let meters = self.by_user.entry(user_id).or_default();
-        if !meters.iter().any(|(t, _)| *t == type_id) {
-            meters.push((type_id, self.slots.len()));
+        if meters.find(type_id).is_none() {
+            meters.push(type_id, self.slots.len());
             self.heads.push((slot.closed, slot.state.aggregation));
             self.slots.push(slot);
         }
@@ -338,6 +365,11 @@ impl<'s> Processor<'s> {
     /// `MAX_KEPT_METERS` meters or `MAX_KEPT_AUDIT` audit rows, they are written.
     pub fn keep_meters(mut self) -> Self {
         self.keep_meters = true;
+        // The audit rows kept before they are written (and a chunk past that):
+        // address space only, until rows fill it.
+        if self.mode == Mode::Apply && self.stream.audit {
+            self.audit.reserve(MAX_KEPT_AUDIT + gucs::chunk_len());
+        }
         self
     }
 
@@ -537,6 +569,9 @@ impl<'s> Processor<'s> {
             store_seen(&fresh_seen)?;
             if !self.keep_meters || self.audit.len() > MAX_KEPT_AUDIT {
                 self.write_audit()?;
+                if self.keep_meters {
+                    self.audit.reserve(MAX_KEPT_AUDIT + gucs::chunk_len());
+                }
             }
             insert_rejected(&self.stream.name, self.session_id, inputs.iter().zip(&outcomes))?;
         }
@@ -1204,4 +1239,22 @@ pub fn insert_rejected<'a, 's: 'a>(
         ],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UserMeters;
+
+    #[test]
+    fn a_users_meters_are_found_past_the_first_few() {
+        let mut meters = UserMeters::default();
+        assert_eq!(meters.find(1), None);
+        for type_id in 1..=7 {
+            meters.push(type_id * 10, type_id as usize + 100);
+        }
+        for type_id in 1..=7 {
+            assert_eq!(meters.find(type_id * 10), Some(type_id as usize + 100));
+        }
+        assert_eq!(meters.find(80), None);
+    }
 }
