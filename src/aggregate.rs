@@ -286,6 +286,32 @@ impl Groups {
         self.get(key).is_some()
     }
 
+    /// The group of `key`, made by `new` if there is none: one search where a
+    /// lookup then an insert took two.
+    pub fn get_or_insert_with(&mut self, key: &str, new: impl FnOnce() -> GroupState) -> &mut GroupState {
+        let search = |groups: &[(String, GroupState)]| groups.binary_search_by(|(k, _)| k.as_str().cmp(key));
+        if let Groups::Few(groups) = self {
+            if groups.len() >= FEW_GROUPS && search(groups).is_err() {
+                *self = Groups::Many(std::mem::take(groups).into_iter().collect());
+            }
+        }
+        match self {
+            Groups::Few(groups) => match search(groups) {
+                Ok(at) => &mut groups[at].1,
+                Err(at) => {
+                    groups.insert(at, (key.to_string(), new()));
+                    &mut groups[at].1
+                }
+            },
+            Groups::Many(groups) => {
+                if !groups.contains_key(key) {
+                    groups.insert(key.to_string(), new());
+                }
+                groups.get_mut(key).expect("inserted if missing")
+            }
+        }
+    }
+
     /// Adds a group, or replaces the one of that key.
     pub fn insert(&mut self, key: String, state: GroupState) {
         match self {
@@ -400,15 +426,11 @@ impl MeterState {
             Applied::Zero => BigDecimal::from(0),
         };
         if let Some(group) = &usage.group {
-            if !self.groups.contains_key(&group.key) {
-                let state = GroupState {
-                    fields: group.fields(),
-                    value: aggregation.reset_value(),
-                    latest_at: None,
-                };
-                self.groups.insert(group.key.clone(), state);
-            }
-            let state = self.groups.get_mut(&group.key).expect("inserted above");
+            let state = self.groups.get_or_insert_with(&group.key, || GroupState {
+                fields: group.fields(),
+                value: aggregation.reset_value(),
+                latest_at: None,
+            });
             fold(
                 aggregation,
                 &mut state.value,
@@ -747,7 +769,7 @@ mod tests {
         #[test]
         fn groups_behave_as_a_sorted_map(inserts in prop::collection::vec((0u32..80, 0i64..1000), 0..200)) {
             let mut groups = Groups::new();
-            let mut model = BTreeMap::new();
+            let mut model: BTreeMap<String, GroupState> = BTreeMap::new();
             let state = |v: i64| GroupState { fields: vec![], value: Some(BigDecimal::from(v)), latest_at: None };
             for (key, value) in inserts {
                 let key = format!("k={key}");
@@ -756,8 +778,13 @@ mod tests {
                         group.value = Some(BigDecimal::from(value));
                     }
                     if let Some(group) = model.get_mut(&key) {
-                        *group = state(value);
+                        group.value = Some(BigDecimal::from(value));
                     }
+                } else if value % 3 == 1 {
+                    // Kept if there, made if not; then changed in place.
+                    let group = groups.get_or_insert_with(&key, || state(value));
+                    group.latest_at = Some(at(value));
+                    model.entry(key).or_insert_with(|| state(value)).latest_at = Some(at(value));
                 } else {
                     groups.insert(key.clone(), state(value));
                     model.insert(key, state(value));

@@ -278,6 +278,7 @@ pub fn take_chunk(stream: &str, after: i64, limit: i64, projection: &Projection)
         },
     )?;
     rows.sort_by_key(|row| row.0);
+    // Sized for the chunk, within reason: a huge chunk_size grows it as before.
     let mut inputs = Vec::with_capacity(limit.clamp(0, 100_000) as usize);
     let mut next = upto;
     for (id, stored, received_at) in rows {

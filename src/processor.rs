@@ -225,11 +225,11 @@ impl Meters {
 
     /// Adds a meter unless one of that type and user is in memory (whose
     /// changes are kept).
-    fn insert(&mut self, (type_id, user_id): MeterKey, slot: Slot) {
+    fn insert(&mut self, (type_id, user_id): MeterKey, slot: Slot, closed: bool) {
         let meters = self.by_user.entry(user_id).or_default();
         if meters.find(type_id).is_none() {
             meters.push(type_id, self.slots.len());
-            self.heads.push((slot.closed, slot.state.aggregation));
+            self.heads.push((closed, slot.state.aggregation));
             self.slots.push(slot);
         }
     }
@@ -256,7 +256,6 @@ struct Slot {
     id: i64,
     state: MeterState,
     period_start: Timestamp,
-    closed: bool,
     dirty: bool,
     new: bool,
 }
@@ -280,16 +279,6 @@ impl<'r> From<Taken<'r, '_>> for Applying<'r> {
             at: taken.at,
         }
     }
-}
-
-/// Where a rule would put a record.
-enum Target {
-    /// The meter at this index of `Meters::slots`.
-    Slot(usize),
-    /// A meter this chunk creates, asked for by an earlier record.
-    Created,
-    /// A meter to create (auto-creation).
-    Create,
 }
 
 /// A record a rule took, before deduplication and application.
@@ -365,12 +354,16 @@ impl<'s> Processor<'s> {
     /// `MAX_KEPT_METERS` meters or `MAX_KEPT_AUDIT` audit rows, they are written.
     pub fn keep_meters(mut self) -> Self {
         self.keep_meters = true;
-        // The audit rows kept before they are written (and a chunk past that):
-        // address space only, until rows fill it.
-        if self.mode == Mode::Apply && self.stream.audit {
+        self.reserve_kept_audit();
+        self
+    }
+
+    /// Room for the audit rows a one-transaction run keeps before writing them
+    /// (and a chunk past that): address space only, until rows fill it.
+    fn reserve_kept_audit(&mut self) {
+        if self.keep_meters && self.mode == Mode::Apply && self.stream.audit {
             self.audit.reserve(MAX_KEPT_AUDIT + gucs::chunk_len());
         }
-        self
     }
 
     /// Takes the stream's run lock for the transaction (a no-op for a run, which
@@ -439,15 +432,7 @@ impl<'s> Processor<'s> {
             let at = record.at(&self.clock);
             let mut found = None;
             let decision = stream.rules.evaluate(inputs[index].view(), |rule| {
-                let (settings, target) = self.check_rule(rule, &record.user_id, at, &to_create)?;
-                match target {
-                    Target::Slot(at) => found = Some((settings, Some(at))),
-                    Target::Created => found = Some((settings, None)),
-                    Target::Create => {
-                        to_create.insert((settings.id, record.user_id.clone()));
-                        found = Some((settings, None));
-                    }
-                }
+                found = Some(self.check_rule(rule, &record.user_id, at)?);
                 Ok(())
             });
             match decision {
@@ -456,6 +441,9 @@ impl<'s> Processor<'s> {
                 }
                 Decision::Taken(rule) => {
                     let (settings, slot) = found.expect("a rule taking a record found its meter");
+                    if slot.is_none() {
+                        to_create.insert((settings.id, record.user_id.clone()));
+                    }
                     // An existing meter keeps its period's aggregation; a new one takes the type's.
                     let aggregation = slot.map_or(settings.aggregation, |at| self.meters.heads[at].1);
                     match Contribution::from_value(aggregation, record.value, &fields.value, &rule.meter_type) {
@@ -569,9 +557,7 @@ impl<'s> Processor<'s> {
             store_seen(&fresh_seen)?;
             if !self.keep_meters || self.audit.len() > MAX_KEPT_AUDIT {
                 self.write_audit()?;
-                if self.keep_meters {
-                    self.audit.reserve(MAX_KEPT_AUDIT + gucs::chunk_len());
-                }
+                self.reserve_kept_audit();
             }
             insert_rejected(&self.stream.name, self.session_id, inputs.iter().zip(&outcomes))?;
         }
@@ -579,14 +565,14 @@ impl<'s> Processor<'s> {
     }
 
     /// Whether `rule` may take a record of `user_id` at `at`, and into which
-    /// meter (`Target`); `Err` when the record falls through.
+    /// meter: its slot, or `None` for a meter to create (auto-creation); `Err`
+    /// when the record falls through.
     fn check_rule(
         &self,
         rule: &Rule,
         user_id: &str,
         at: Timestamp,
-        to_create: &HashSet<MeterKey>,
-    ) -> std::result::Result<(&MeterTypeSettings, Target), Rejection> {
+    ) -> std::result::Result<(&MeterTypeSettings, Option<usize>), Rejection> {
         let settings = self
             .stream
             .rules
@@ -620,14 +606,13 @@ impl<'s> Processor<'s> {
                 meter_id: self.meters.slots[at].id,
                 meter_type: settings.name.clone(),
             }),
-            Some(at) => Ok((settings, Target::Slot(at))),
+            Some(at) => Ok((settings, Some(at))),
             None if !self.stream.auto_create_meters => Err(Rejection::NoMeter {
                 user_id: user_id.to_string(),
                 meter_type: settings.name.clone(),
                 rule: rule.name.clone(),
             }),
-            None if to_create.contains(&(settings.id, user_id.to_string())) => Ok((settings, Target::Created)),
-            None => Ok((settings, Target::Create)),
+            None => Ok((settings, None)),
         }
     }
 
@@ -653,7 +638,7 @@ impl<'s> Processor<'s> {
         // since the last ANALYZE (a realtime stream auto-creating meters) it read
         // the stream's every meter on each call, filtering by user.
         let rows = sql::with_generic_lookups(|| {
-            Spi::connect_mut(|client| -> Result<Vec<(MeterKey, Slot)>> {
+            Spi::connect_mut(|client| -> Result<Vec<(MeterKey, Slot, bool)>> {
                 let mut rows = Vec::with_capacity(users.len() * type_ids.len());
                 for row in sql::run(client, &query, &[self.stream.id.into(), users.to_vec().into()])? {
                     let type_id = row.get::<i64>(2)?.unwrap();
@@ -677,10 +662,10 @@ impl<'s> Processor<'s> {
                             id: row.get::<i64>(1)?.unwrap(),
                             state: stored.into_state(),
                             period_start: row.get::<TimestampWithTimeZone>(13)?.and_then(to_timestamp).unwrap(),
-                            closed: row.get::<bool>(14)?.unwrap(),
                             dirty: false,
                             new: false,
                         },
+                        row.get::<bool>(14)?.unwrap(),
                     ));
                 }
                 Ok(rows)
@@ -688,8 +673,8 @@ impl<'s> Processor<'s> {
         })?;
         self.meters.slots.reserve(rows.len());
         self.meters.heads.reserve(rows.len());
-        for (key, slot) in rows {
-            self.meters.insert(key, slot);
+        for (key, slot, closed) in rows {
+            self.meters.insert(key, slot, closed);
         }
         for user in users {
             self.meters.mark_loaded(user);
@@ -744,10 +729,10 @@ impl<'s> Processor<'s> {
                             id,
                             state: MeterState::reset(settings.aggregation),
                             period_start: period.start,
-                            closed: false,
                             dirty: false,
                             new: true,
                         },
+                        false,
                     );
                 }
             }
