@@ -5,7 +5,6 @@ use pgrx::prelude::*;
 #[pg_schema]
 mod tests {
     use crate::pg_tests::support::*;
-    use crate::processor::Counts;
     use pgrx::prelude::*;
     use serde_json::json;
 
@@ -56,14 +55,7 @@ mod tests {
             ),
             (3, 0, 0)
         );
-        assert_eq!(
-            process("api"),
-            Counts {
-                metered: 3,
-                duplicates: 0,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("api"), counts(3, 0, 0));
         assert_eq!(value_of("acme", "all-calls").as_deref(), Some("5"));
         assert_eq!(value_of("globex", "eu-calls").as_deref(), Some("7"));
         assert_eq!(value_of("globex", "all-calls").as_deref(), Some("1"));
@@ -248,14 +240,7 @@ mod tests {
         let (accepted, duplicates, rejected_at_ingest) = ingest("s", serde_json::Value::Array(records));
         // Record-level problems are caught at ingest; the rest when rules run.
         assert_eq!((accepted, duplicates, rejected_at_ingest), (8, 0, 6));
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 0,
-                duplicates: 0,
-                rejected: 8
-            }
-        );
+        assert_eq!(process("s"), counts(0, 0, 8));
         ingest("empty", json!({"userId": "u", "value": 1}));
         assert_eq!(process("empty").rejected, 1);
 
@@ -332,14 +317,7 @@ mod tests {
         };
         // A batch stream checks the user id at ingest; the rest is rejected by the run.
         assert_eq!(ingest("batch"), (4, 0, 1));
-        assert_eq!(
-            process("batch"),
-            Counts {
-                metered: 2,
-                duplicates: 0,
-                rejected: 2
-            }
-        );
+        assert_eq!(process("batch"), counts(2, 0, 2));
         assert_eq!(ingest("rt"), (2, 0, 3));
         for stream in ["batch", "rt"] {
             assert_eq!(
@@ -492,24 +470,10 @@ mod tests {
             ),
             (1, 1, 0)
         );
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 1,
-                duplicates: 1,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("s"), counts(1, 1, 0));
         // Seen before: ingest says so, and the run counts it as a duplicate again.
         assert_eq!(ingest("s", json!({"userId": "u", "id": "a", "value": 1})), (0, 1, 0));
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 0,
-                duplicates: 1,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("s"), counts(0, 1, 0));
         assert_eq!(value_of("u", "calls").as_deref(), Some("1"));
         // Metered ids are looked up one by one only when one lies between the
         // batch's smallest and largest id ("C" order): each case counts right.
@@ -522,14 +486,7 @@ mod tests {
             (2, 1, 0),
             "'a' itself"
         );
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 5,
-                duplicates: 4,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("s"), counts(5, 4, 0));
         assert_eq!(value_of("u", "calls").as_deref(), Some("6"));
         // Numbers and strings are the same id text.
         ingest(
@@ -555,14 +512,7 @@ mod tests {
         );
         assert_eq!(dedupe_index_scans(), scans, "no metered id looked up");
         // The run counts the metered id as a duplicate all the same.
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 1,
-                duplicates: 2,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("s"), counts(1, 2, 0));
         assert_eq!(value_of("u", "calls").as_deref(), Some("2"));
         run("RESET meter_ext.ingest_checks_metered_ids");
         assert_eq!(ingest("s", record("b")), (0, 1, 0), "on again: looked up");
@@ -628,25 +578,11 @@ mod tests {
         run(r#"INSERT INTO meter.usage (stream, record) VALUES
                  ('s', '{"userId": "u", "id": "x", "value": 2}'),
                  ('s', '{"userId": "u", "id": "x", "value": 2}')"#);
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 1,
-                duplicates: 1,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("s"), counts(1, 1, 0));
         ingest("s", json!({"userId": "u", "id": "x", "value": 2}));
         run(r#"INSERT INTO meter.usage (stream, record) VALUES ('s', '{"userId": "u", "id": "y", "value": 3}')"#);
         ingest("s", json!({"userId": "u", "id": "y", "value": 3}));
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 1,
-                duplicates: 2,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("s"), counts(1, 2, 0));
         assert_eq!(value_of("u", "calls").as_deref(), Some("5"));
         assert_eq!(sql_i64("SELECT count(*) FROM meter.dedupe_keys"), 2);
     }
@@ -683,14 +619,7 @@ mod tests {
                 {"userId": "u", "id": "new", "value": 1}
             ]),
         );
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 2,
-                duplicates: 2,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("s"), counts(2, 2, 0));
         assert_eq!(value_of("u", "calls").as_deref(), Some("4"));
         // The expired id is claimed again: now, by the meter it went to.
         assert_eq!(

@@ -5,7 +5,6 @@ use pgrx::prelude::*;
 #[pg_schema]
 mod tests {
     use crate::pg_tests::support::*;
-    use crate::processor::Counts;
     use pgrx::prelude::*;
     use serde_json::json;
 
@@ -553,14 +552,7 @@ mod tests {
             (report["metered"].clone(), report["duplicates"].clone()),
             (json!(2), json!(1))
         );
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 2,
-                duplicates: 1,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("s"), counts(2, 1, 0));
     }
 
     #[pg_test]
@@ -572,14 +564,7 @@ mod tests {
         );
         let stale = sql_i64("SELECT max(id) FROM meter.sessions");
         ingest(json!({"userId": "acme", "value": 1}));
-        assert_eq!(
-            process("s"),
-            Counts {
-                metered: 1,
-                duplicates: 0,
-                rejected: 0
-            }
-        );
+        assert_eq!(process("s"), counts(1, 0, 0));
         assert_eq!(
             sql_text(&format!(
                 "SELECT status || ': ' || error FROM meter.sessions WHERE id = {stale}"

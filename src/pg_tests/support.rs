@@ -87,6 +87,15 @@ pub fn process(stream: &str) -> Counts {
     }
 }
 
+/// Counts as `process` returns them: metered, duplicates, rejected.
+pub fn counts(metered: i64, duplicates: i64, rejected: i64) -> Counts {
+    Counts {
+        metered,
+        duplicates,
+        rejected,
+    }
+}
+
 /// Every row of a query as JSON (for comparing tables before and after).
 pub fn snapshot(query: &str) -> serde_json::Value {
     sql_json(&format!(
