@@ -383,22 +383,24 @@ fn value_within(node: Node, levels: usize) -> Option<Value> {
 /// `Err(NotScalar)` when it ends at an array or object, which only reading the
 /// record through a `Projection` judges (too deep, say).
 pub fn scalar_at(object: Container, path: &FieldPath) -> Result<Option<Value>, NotScalar> {
+    match node_at(object, path) {
+        None | Some(Node::Null) => Ok(None),
+        Some(Node::Container(_)) => Err(NotScalar),
+        Some(scalar) => Ok(Some(to_value(scalar))),
+    }
+}
+
+/// The node at `path` in an object, in place; none when the path finds nothing
+/// (a path through a non-object finds nothing).
+pub fn node_at<'a>(object: Container<'a>, path: &FieldPath) -> Option<Node<'a>> {
     let mut node = Node::Container(object);
     for key in path.parts() {
         node = match node {
-            Node::Container(c) if c.is_object() => match c.get(key) {
-                Some(found) => found,
-                None => return Ok(None),
-            },
-            // A path through a non-object finds nothing.
-            _ => return Ok(None),
+            Node::Container(c) if c.is_object() => c.get(key)?,
+            _ => return None,
         };
     }
-    match node {
-        Node::Null => Ok(None),
-        Node::Container(_) => Err(NotScalar),
-        scalar => Ok(Some(to_value(scalar))),
-    }
+    Some(node)
 }
 
 /// See `scalar_at`.

@@ -318,6 +318,17 @@ pub struct Clock {
     pub future_tolerance: SignedDuration,
 }
 
+impl Clock {
+    /// Refuses a timestamp past now by more than the tolerance.
+    pub fn not_future(&self, t: Timestamp) -> Result<(), Rejection> {
+        let limit = self.now.checked_add(self.future_tolerance).unwrap_or(Timestamp::MAX);
+        if t > limit {
+            return Err(Rejection::FutureTimestamp { timestamp: t, limit });
+        }
+        Ok(())
+    }
+}
+
 /// A record's mapped fields, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Extracted<'a> {
@@ -364,6 +375,12 @@ fn id_text(v: &Value) -> Result<String, String> {
         Value::Number(n) => n.to_string(),
         other => return Err(format!("is {}: use a string or a number", json_kind(other))),
     };
+    check_id(&text)?;
+    Ok(text)
+}
+
+/// Why `text` cannot be an id (user id, record id), if it cannot.
+pub fn check_id(text: &str) -> Result<(), String> {
     if text.trim().is_empty() {
         return Err("is empty".into());
     }
@@ -373,7 +390,7 @@ fn id_text(v: &Value) -> Result<String, String> {
     if text.contains('\0') {
         return Err("contains a NUL character".into());
     }
-    Ok(text)
+    Ok(())
 }
 
 /// Checks the fields every record needs, whatever rule later takes it.
@@ -445,10 +462,7 @@ impl FoundFields<'_> {
             })?),
         };
         if let Some(t) = timestamp {
-            let limit = clock.now.checked_add(clock.future_tolerance).unwrap_or(Timestamp::MAX);
-            if t > limit {
-                return Err(Rejection::FutureTimestamp { timestamp: t, limit });
-            }
+            clock.not_future(t)?;
         }
         Ok(CheckedFields {
             user_id,
@@ -463,21 +477,24 @@ impl FoundFields<'_> {
 pub fn parse_timestamp(v: &Value) -> Option<Timestamp> {
     match v {
         Value::Number(n) => unix_millis(n.as_str()),
-        Value::String(s) => {
-            let s = s.trim();
-            if let Ok(t) = Timestamp::from_str(s) {
-                return Some(t);
-            }
-            if let Ok(dt) = jiff::civil::DateTime::from_str(s) {
-                return dt.to_zoned(jiff::tz::TimeZone::UTC).ok().map(|z| z.timestamp());
-            }
-            if s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() {
-                return unix_millis(s);
-            }
-            None
-        }
+        Value::String(s) => parse_timestamp_text(s),
         _ => None,
     }
+}
+
+/// `parse_timestamp` of a JSON string.
+pub fn parse_timestamp_text(s: &str) -> Option<Timestamp> {
+    let s = s.trim();
+    if let Ok(t) = Timestamp::from_str(s) {
+        return Some(t);
+    }
+    if let Ok(dt) = jiff::civil::DateTime::from_str(s) {
+        return dt.to_zoned(jiff::tz::TimeZone::UTC).ok().map(|z| z.timestamp());
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty() {
+        return unix_millis(s);
+    }
+    None
 }
 
 fn unix_millis(text: &str) -> Option<Timestamp> {

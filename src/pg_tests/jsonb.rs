@@ -27,6 +27,73 @@ mod tests {
         })
     }
 
+    /// `ingest`'s check of a record read in place takes the records it can judge on
+    /// their bytes (string fields) and gives the full check's answer for them; it
+    /// leaves every other record (numbers, bad or missing fields) to the full check.
+    #[pg_test]
+    fn the_in_place_check_agrees_with_the_full_check() {
+        use crate::inbox::{check_object, checked_in_place};
+        use crate::record::{Clock, FieldMap};
+        let fields = FieldMap::default();
+        let clock = Clock {
+            now: "2026-06-01T12:00:00Z".parse().unwrap(),
+            future_tolerance: jiff::SignedDuration::from_mins(5),
+        };
+        let checked = Projection::of([&fields.user_id, &fields.timestamp, &fields.id]);
+        let long = "x".repeat(crate::record::MAX_ID_LEN + 1);
+        // (record, whether the in-place check judges it)
+        let cases = [
+            (
+                json!({"userId": "u1", "id": "r1", "timestamp": "2026-06-01T11:00:00Z", "value": 3}),
+                true,
+            ),
+            (
+                json!({"userId": "u1", "timestamp": "2026-06-01T11:00:00.123+02:00"}),
+                true,
+            ),
+            (
+                json!({"userId": "u1", "id": "r2", "timestamp": "2026-06-01 11:00:00"}),
+                true,
+            ),
+            (json!({"userId": "u1", "id": "r3", "timestamp": "1780000000000"}), true),
+            (json!({"userId": "u1", "id": "r4", "timestamp": null}), true),
+            (json!({"userId": "u1", "id": null}), true),
+            (json!({"userId": "u1", "id": 42}), false),
+            (json!({"userId": 7, "id": "r5"}), false),
+            (
+                json!({"userId": "u1", "id": "r6", "timestamp": 1780000000000_i64}),
+                false,
+            ),
+            (
+                json!({"userId": "u1", "id": "r7", "timestamp": "2026-06-01T12:06:00Z"}),
+                false,
+            ),
+            (json!({"userId": "u1", "id": "r8", "timestamp": "yesterday"}), false),
+            (json!({"userId": "  ", "id": "r9"}), false),
+            (json!({"userId": "u1", "id": ""}), false),
+            (json!({"userId": "u1", "id": long}), false),
+            (json!({"id": "r11"}), false),
+            (json!({"userId": null, "id": "r12"}), false),
+            (json!({"userId": {"nested": 1}, "id": "r13"}), false),
+            (json!({"userId": "u1", "id": ["r14"]}), false),
+        ];
+        for (record, judged) in cases {
+            let datum =
+                Spi::get_one_with_args::<jsonb::RawJsonb>("SELECT $1::text::jsonb", &[record.to_string().into()])
+                    .unwrap()
+                    .unwrap()
+                    .0;
+            let bytes = unsafe { jsonb::datum_bytes(datum) };
+            let object = Container::from_varlena(&bytes).unwrap();
+            let in_place = checked_in_place(object, &fields, &clock);
+            let full = check_object(object, &fields, &checked, &clock);
+            assert_eq!(in_place.is_some(), judged, "{record}");
+            if let Some(record_id) = in_place {
+                assert_eq!(full, Ok(record_id), "{record}");
+            }
+        }
+    }
+
     #[pg_test]
     fn binary_reads_equal_text_parses() {
         let cases = both(
