@@ -4,11 +4,13 @@
 #
 #   bench/bench.sh            full run (RECORDS=1000000 USERS=10000 FLUSH_METERS=1000000 MEM_RECORDS=5000000)
 #   bench/bench.sh --check    small run asserting the same meter values as the baseline (make test)
+#   STRESS=1 bench/bench.sh   also the random-id workloads (ids looked up one by one; 5 more minutes)
 #
-# Sizes are overridable through those variables (TRIGGER_RECORDS runs the trigger
-# baseline on the first that many records and scales its time), ROUNDS sets how many times the
-# batch, ingest and flush workloads run (each side keeps its best), PORT picks the
-# cluster's port.
+# Sizes are overridable through those variables. TRIGGER_RECORDS is the subset the
+# per-row trigger is timed on, scaled to RECORDS: the last that many records, its tables
+# holding what the records before them made. ROUNDS sets how many times the batch
+# workloads run, INGEST_ROUNDS and FLUSH_ROUNDS the others (each side keeps its
+# best). PORT picks the cluster's port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,14 +19,16 @@ CHECK=""
 if [ "$CHECK" ]; then
     RECORDS=${RECORDS:-20000} USERS=${USERS:-500} FLUSH_METERS=${FLUSH_METERS:-3000}
     MEM_RECORDS=${MEM_RECORDS:-0} TRIGGER_RECORDS=${TRIGGER_RECORDS:-2000} REALTIME_SECONDS=${REALTIME_SECONDS:-0}
-    ROUNDS=${ROUNDS:-1}
+    ROUNDS=${ROUNDS:-1} INGEST_ROUNDS=${INGEST_ROUNDS:-1} FLUSH_ROUNDS=${FLUSH_ROUNDS:-1} STRESS=${STRESS:-1}
 else
     RECORDS=${RECORDS:-1000000} USERS=${USERS:-10000} FLUSH_METERS=${FLUSH_METERS:-1000000}
-    # The trigger runs over every record: scaled up from the first 100 000 it came out
-    # 1.6-1.8x too fast, as its tables and its row versions grow over the run.
-    MEM_RECORDS=${MEM_RECORDS:-5000000} TRIGGER_RECORDS=${TRIGGER_RECORDS:-$RECORDS} REALTIME_SECONDS=${REALTIME_SECONDS:-15}
-    ROUNDS=${ROUNDS:-3}   # batch, ingest and flush: each side's best of this many rounds
+    MEM_RECORDS=${MEM_RECORDS:-5000000} TRIGGER_RECORDS=${TRIGGER_RECORDS:-100000} REALTIME_SECONDS=${REALTIME_SECONDS:-15}
+    # Each side's best of this many rounds. An ingest round takes 15 s, and COPY's
+    # time varies most from round to round; a flush round takes two minutes on a slow
+    # 2-core machine, its setup included: two keep the whole run within 15 minutes.
+    ROUNDS=${ROUNDS:-3} INGEST_ROUNDS=${INGEST_ROUNDS:-5} FLUSH_ROUNDS=${FLUSH_ROUNDS:-2} STRESS=${STRESS:-0}
 fi
+[ "$TRIGGER_RECORDS" -le "$RECORDS" ] || TRIGGER_RECORDS=$RECORDS
 INGEST_BATCH=${INGEST_BATCH:-1000}
 CHUNK_SIZE=${CHUNK_SIZE:-10000}
 
@@ -138,6 +142,9 @@ for round in $(seq "$ROUNDS"); do
     settle
     t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
     baseline=$(least "$baseline" "$(elapsed "$t0" "$t1")")
+    # What the trigger baseline must make too (bench --check).
+    [ "$CHECK" ] && [ "$round" = 1 ] && sql "CREATE TABLE bench.expected_meters AS TABLE bench.meters;
+                                             CREATE TABLE bench.expected_groups AS TABLE bench.meter_groups" >/dev/null
 
     [ "$round" = 1 ] || reset_meters
     fill_inbox
@@ -159,57 +166,81 @@ for round in $(seq "$ROUNDS"); do
     ours_single=$(least "$ours_single" "$(elapsed "$t0" "$t1")")
 done
 
+# ---- the per-row trigger, on a subset ---------------------------------------------
+# Timed on the last $TRIGGER_RECORDS records and scaled to $RECORDS, its tables first
+# holding what the records before them made (loaded by the set-based upsert, which
+# makes the same meters, groups and seen ids, untimed). Each record then costs what
+# it costs in the middle of a whole run: on the first records, into empty groups and
+# a small table of seen ids, the trigger ran 1.6x faster than over all of them.
+say "per-row trigger on the last $TRIGGER_RECORDS records"
+reset_baseline
+sql "TRUNCATE bench.seen; INSERT INTO bench.inbox (record) SELECT record FROM bench.records WHERE i <= $RECORDS - $TRIGGER_RECORDS ORDER BY i;
+     SELECT bench.set_based()" >/dev/null
+vacuum "bench.meters, bench.meter_groups, bench.seen, bench.inbox"
+settle
+t0=$(now); sql "INSERT INTO bench.trigger_inbox SELECT record FROM bench.records WHERE i > $RECORDS - $TRIGGER_RECORDS" >/dev/null; t1=$(now)
+trigger=$(awk -v s="$(elapsed "$t0" "$t1")" 'BEGIN { printf "%.3f", s * '"$RECORDS"' / '"$TRIGGER_RECORDS"' }')
+trigger_name="per-row trigger (scaled)"
+[ "$TRIGGER_RECORDS" = "$RECORDS" ] && trigger_name="per-row trigger"
+if [ "$CHECK" ]; then
+    # The trigger, after the set-based upsert of the records before, made every meter
+    # and group the set-based upsert made of all the records.
+    differ=$(sql "SELECT (SELECT count(*) FROM (TABLE bench.meters EXCEPT TABLE bench.expected_meters) d)
+                       + (SELECT count(*) FROM (TABLE bench.expected_meters EXCEPT TABLE bench.meters) d)
+                       + (SELECT count(*) FROM (TABLE bench.meter_groups EXCEPT TABLE bench.expected_groups) d)
+                       + (SELECT count(*) FROM (TABLE bench.expected_groups EXCEPT TABLE bench.meter_groups) d)")
+    [ "$differ" = 0 ] || { echo "bench --check: the trigger baseline differs from the set-based one in $differ rows" >&2; exit 1; }
+    echo "bench --check: the trigger baseline made the set-based baseline's meters and groups" >&2
+fi
+reset_baseline
+
 # ---- batch processing of random ids -------------------------------------------------
 # The same records with random ids (UUIDs, from md5: the same every run), run by a
 # stream that already metered 3 × $RECORDS other random ids, against the baseline
 # whose table of seen ids holds the same. Every id is then looked up and inserted
 # apart, on both sides. One round each: the setup takes longer than the runs.
-say "batch processing of random ids, $((3 * RECORDS)) ids metered"
-sql "CREATE TABLE bench.random_ids AS
-     SELECT i, record || jsonb_build_object('id', md5('record' || i)::uuid::text) AS record FROM bench.records;
-     CREATE TABLE bench.random_metered AS SELECT md5('metered' || n)::uuid::text AS id FROM generate_series(1, 3 * $RECORDS) n" >/dev/null
-reset_baseline
-sql "INSERT INTO bench.seen (id) SELECT id FROM bench.random_metered;
-     INSERT INTO bench.inbox (record) SELECT record FROM bench.random_ids ORDER BY i" >/dev/null
-vacuum "bench.seen, bench.inbox"
-settle
-t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
-random_baseline=$(elapsed "$t0" "$t1")
-reset_meters
-sql "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at)
-     SELECT s.id, m.id, now() FROM meter.streams s, bench.random_metered m WHERE s.name = 'bench';
-     INSERT INTO meter.usage (stream, record)
-     SELECT 'bench', jsonb_agg(record ORDER BY i) FROM bench.random_ids GROUP BY (i - 1) / $INGEST_BATCH ORDER BY 1" >/dev/null
-vacuum "meter.dedupe_keys, meter.usage"
-settle
-t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
-random_ours=$(elapsed "$t0" "$t1")
-[ "$CHECK" ] && check_meters "random ids"
-reset_meters
-reset_baseline
-
-sql "TRUNCATE bench.seen" >/dev/null
-settle
-t0=$(now); sql "INSERT INTO bench.trigger_inbox SELECT record FROM bench.records WHERE i <= $TRIGGER_RECORDS" >/dev/null; t1=$(now)
-trigger=$(awk -v s="$(elapsed "$t0" "$t1")" 'BEGIN { printf "%.3f", s * '"$RECORDS"' / '"$TRIGGER_RECORDS"' }')
-trigger_name="per-row trigger"
-[ "$TRIGGER_RECORDS" = "$RECORDS" ] || trigger_name="per-row trigger (scaled)"
+# STRESS=1 only (and in bench --check): it adds five minutes.
+if [ "$STRESS" = 1 ]; then
+    say "batch processing of random ids, $((3 * RECORDS)) ids metered"
+    sql "CREATE TABLE bench.random_ids AS
+         SELECT i, record || jsonb_build_object('id', md5('record' || i)::uuid::text) AS record FROM bench.records;
+         CREATE TABLE bench.random_metered AS SELECT md5('metered' || n)::uuid::text AS id FROM generate_series(1, 3 * $RECORDS) n" >/dev/null
+    reset_baseline
+    sql "INSERT INTO bench.seen (id) SELECT id FROM bench.random_metered;
+         INSERT INTO bench.inbox (record) SELECT record FROM bench.random_ids ORDER BY i" >/dev/null
+    vacuum "bench.seen, bench.inbox"
+    settle
+    t0=$(now); sql "SELECT bench.set_based()" >/dev/null; t1=$(now)
+    random_baseline=$(elapsed "$t0" "$t1")
+    reset_meters
+    sql "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at)
+         SELECT s.id, m.id, now() FROM meter.streams s, bench.random_metered m WHERE s.name = 'bench';
+         INSERT INTO meter.usage (stream, record)
+         SELECT 'bench', jsonb_agg(record ORDER BY i) FROM bench.random_ids GROUP BY (i - 1) / $INGEST_BATCH ORDER BY 1" >/dev/null
+    vacuum "meter.dedupe_keys, meter.usage"
+    settle
+    t0=$(now); sql "SELECT status FROM meter.run_stream('bench')" >/dev/null; t1=$(now)
+    random_ours=$(elapsed "$t0" "$t1")
+    [ "$CHECK" ] && check_meters "random ids"
+    reset_meters
+    reset_baseline
+fi
 
 row "batch run_stream, with audit" "$ours_audit" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
 row "batch run_stream, without audit" "$ours_plain" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
 row "batch run_stream, with audit" "$ours_audit" "$trigger" "$trigger_name" "$RECORDS" 0.1
 row "  the same, a record per inbox row" "$ours_single" "$baseline" "set-based SQL upsert" "$RECORDS" 1.0
-row "  the same, random ids (1 round)" "$random_ours" "$random_baseline" "set-based, random ids" "$RECORDS" 1.0
+[ "$STRESS" = 1 ] && row "  the same, random ids (1 round)" "$random_ours" "$random_baseline" "set-based, random ids" "$RECORDS" 1.0
 
 # ---- ingest ----------------------------------------------------------------------
 # One client (bench/ingest.py, psycopg 3) sends the same records both ways: COPY
 # through the COPY protocol, and meter.ingest with each array bound as a parameter,
-# as applications call it. Each side keeps its best of $ROUNDS.
+# as applications call it. Each side keeps its best of $INGEST_ROUNDS.
 say "ingest"
 ndjson="$dir/records.ndjson"
 sql "COPY (SELECT record FROM bench.records ORDER BY i) TO STDOUT" >"$ndjson"
 copy="" ingest=""
-for round in $(seq "$ROUNDS"); do
+for round in $(seq "$INGEST_ROUNDS"); do
     sql "TRUNCATE bench.copy_target" >/dev/null
     sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
     vacuum "bench.copy_target, meter.usage"
@@ -230,35 +261,38 @@ sql "DELETE FROM meter.usage WHERE stream = 'bench_ingest'" >/dev/null
 # stream that already metered 3 × $RECORDS other random ids. No stretch of the index
 # answers for a call's ids, so each is looked up: once as shipped, once with
 # meter_ext.ingest_checks_metered_ids off (ids left to the run).
-say "ingest of random ids, $((3 * RECORDS)) ids metered"
-sql "SELECT meter.create_stream('bench_uuid', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
-sql "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at)
-     SELECT s.id, m.id, now() FROM meter.streams s, bench.random_metered m WHERE s.name = 'bench_uuid'" >/dev/null
-vacuum meter.dedupe_keys
-uuids="$dir/uuids.ndjson"
-sql "COPY (SELECT record FROM bench.random_ids ORDER BY i) TO STDOUT" >"$uuids"
-ucopy="" uchecked="" uunchecked=""
-# Best of two rounds (not $ROUNDS): this part would otherwise take a minute and a half.
-for round in $(seq $((ROUNDS < 2 ? ROUNDS : 2))); do
-    sql "TRUNCATE bench.copy_target" >/dev/null
-    vacuum bench.copy_target
-    settle
-    ucopy=$(least "$ucopy" "$(bench/ingest.py "$port" "$uuids" copy)")
-    for checks in on off; do
-        sql "DELETE FROM meter.usage WHERE stream = 'bench_uuid'" >/dev/null
-        vacuum meter.usage
+# STRESS=1 only (and in bench --check).
+if [ "$STRESS" = 1 ]; then
+    say "ingest of random ids, $((3 * RECORDS)) ids metered"
+    sql "SELECT meter.create_stream('bench_uuid', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
+    sql "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at)
+         SELECT s.id, m.id, now() FROM meter.streams s, bench.random_metered m WHERE s.name = 'bench_uuid'" >/dev/null
+    vacuum meter.dedupe_keys
+    uuids="$dir/uuids.ndjson"
+    sql "COPY (SELECT record FROM bench.random_ids ORDER BY i) TO STDOUT" >"$uuids"
+    ucopy="" uchecked="" uunchecked=""
+    # Best of two rounds (not $ROUNDS): this part would otherwise take a minute and a half.
+    for round in $(seq $((ROUNDS < 2 ? ROUNDS : 2))); do
+        sql "TRUNCATE bench.copy_target" >/dev/null
+        vacuum bench.copy_target
         settle
-        read -r seconds accepted < <(PGOPTIONS="-c meter_ext.ingest_checks_metered_ids=$checks" \
-            bench/ingest.py "$port" "$uuids" ingest bench_uuid "$INGEST_BATCH")
-        [ "$accepted" = "$RECORDS" ] || { echo "ingest accepted $accepted of $RECORDS random ids" >&2; exit 1; }
-        if [ "$checks" = on ]; then uchecked=$(least "$uchecked" "$seconds"); else uunchecked=$(least "$uunchecked" "$seconds"); fi
+        ucopy=$(least "$ucopy" "$(bench/ingest.py "$port" "$uuids" copy)")
+        for checks in on off; do
+            sql "DELETE FROM meter.usage WHERE stream = 'bench_uuid'" >/dev/null
+            vacuum meter.usage
+            settle
+            read -r seconds accepted < <(PGOPTIONS="-c meter_ext.ingest_checks_metered_ids=$checks" \
+                bench/ingest.py "$port" "$uuids" ingest bench_uuid "$INGEST_BATCH")
+            [ "$accepted" = "$RECORDS" ] || { echo "ingest accepted $accepted of $RECORDS random ids" >&2; exit 1; }
+            if [ "$checks" = on ]; then uchecked=$(least "$uchecked" "$seconds"); else uunchecked=$(least "$uunchecked" "$seconds"); fi
+        done
     done
-done
-row "ingest, random ids" "$uchecked" "$ucopy" "COPY into a jsonb table" "$RECORDS" 1.25
-row "  the same, ids left to the run" "$uunchecked" "$ucopy" "COPY into a jsonb table" "$RECORDS" 1.25
-# Only bench_uuid has ids now: emptying the table beats deleting 3 × $RECORDS rows.
-sql "TRUNCATE meter.dedupe_keys; SELECT meter.drop_stream('bench_uuid', cascade => true)" >/dev/null
-vacuum "meter.usage, bench.copy_target"
+    row "ingest, random ids" "$uchecked" "$ucopy" "COPY into a jsonb table" "$RECORDS" 1.25
+    row "  the same, ids left to the run" "$uunchecked" "$ucopy" "COPY into a jsonb table" "$RECORDS" 1.25
+    # Only bench_uuid has ids now: emptying the table beats deleting 3 × $RECORDS rows.
+    sql "TRUNCATE meter.dedupe_keys; SELECT meter.drop_stream('bench_uuid', cascade => true)" >/dev/null
+    vacuum "meter.usage, bench.copy_target"
+fi
 
 # ---- period-end flush ------------------------------------------------------------
 sql "SELECT meter.create_stream('bench_flush', (SELECT guiding_rules FROM meter.streams WHERE name = 'bench'))" >/dev/null
@@ -270,8 +304,8 @@ sql "SELECT bench.add_flush_meters($FLUSH_METERS)" >/dev/null
 sql "CREATE TABLE bench.flush_template AS
      SELECT m.* FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = 'bench_flush'" >/dev/null
 bare="" flush=""
-for round in $(seq "$ROUNDS"); do
-    say "period-end flush of $FLUSH_METERS meters, round $round of $ROUNDS"
+for round in $(seq "$FLUSH_ROUNDS"); do
+    say "period-end flush of $FLUSH_METERS meters, round $round of $FLUSH_ROUNDS"
     if [ "$round" -gt 1 ]; then
         sql "SET client_min_messages = warning;
              DELETE FROM meter.meters m USING meter.streams s WHERE s.id = m.stream_id AND s.name = 'bench_flush';
@@ -366,7 +400,7 @@ fi
 {
     echo "meter_ext benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-    echo "PostgreSQL $(sql 'SHOW server_version'), $RECORDS records, $USERS users, 3 meter types, group by region, carry last; chunk_size $CHUNK_SIZE; batch, ingest and flush times: best of $ROUNDS round(s) each"
+    echo "PostgreSQL $(sql 'SHOW server_version'), $RECORDS records, $USERS users, 3 meter types, group by region, carry last; chunk_size $CHUNK_SIZE; best of $ROUNDS batch, $INGEST_ROUNDS ingest and $FLUSH_ROUNDS flush round(s)"
     echo
     echo "| workload                           |       ours |   baseline | baseline                   |   time  | target (SPEC §11) | records/s  |"
     echo "|------------------------------------|------------|------------|----------------------------|---------|-------------------|------------|"

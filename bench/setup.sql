@@ -88,7 +88,7 @@ CREATE FUNCTION bench.upsert_row() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     v numeric := CASE NEW.record->>'kind' WHEN 'call' THEN 1 ELSE (NEW.record->>'value')::numeric END;
 BEGIN
-    INSERT INTO bench.seen (id) VALUES ('t' || (NEW.record->>'id')) ON CONFLICT DO NOTHING;
+    INSERT INTO bench.seen (id) VALUES (NEW.record->>'id') ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN RETURN NULL; END IF;
     INSERT INTO bench.meter_groups AS g VALUES (NEW.record->>'userId', NEW.record->>'kind', NEW.record->>'region', v)
     ON CONFLICT (user_id, kind, region) DO UPDATE
