@@ -12,6 +12,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
 
+use crate::append::Appender;
 use crate::convert::to_timestamptz;
 use crate::errors::Result;
 use crate::sql;
@@ -149,11 +150,6 @@ impl AuditRows {
         if self.entries.is_empty() {
             return Ok(());
         }
-        let row_type = sql::one::<pg_sys::Oid>(
-            "SELECT 'meter.usage_audit_batches'::pg_catalog.regtype::pg_catalog.oid",
-            &[],
-        )?
-        .expect("the audit table has a row type");
         let AuditRows {
             entries,
             heads,
@@ -185,6 +181,20 @@ impl AuditRows {
             })
             .collect();
         by_meter.sort_unstable_by_key(|rows| rows.head.meter_id);
+        let table = sql::one::<pg_sys::Oid>(
+            "SELECT 'meter.usage_audit_batches'::pg_catalog.regclass::pg_catalog.oid",
+            &[],
+        )?
+        .expect("the audit table has an oid");
+        let columns = ["id", "processed_at"].into_iter().chain(COLUMNS).collect::<Vec<_>>();
+        if let Some(appender) = Appender::open(table, &columns) {
+            return append(appender, &by_meter, &entries, &rule_names, stream_id, session_id);
+        }
+        let row_type = sql::one::<pg_sys::Oid>(
+            "SELECT 'meter.usage_audit_batches'::pg_catalog.regtype::pg_catalog.oid",
+            &[],
+        )?
+        .expect("the audit table has a row type");
         for batch in by_meter.chunks(ROWS_PER_STATEMENT) {
             sql::in_chunk_context(|| {
                 // SAFETY: the row type is the audit table's, looked up just now.
@@ -212,8 +222,115 @@ struct MeterRows<'a> {
     positions: &'a [u32],
 }
 
+/// The audit table's columns an audit row sets, in the order `row_values` gives
+/// them; `id` and `processed_at` are the table's defaults.
+const COLUMNS: [&str; 10] = [
+    "session_id",
+    "stream_id",
+    "meter_id",
+    "user_id",
+    "period_start",
+    "usage_ids",
+    "record_ids",
+    "rules",
+    "amounts",
+    "record_ats",
+];
+
 /// Meters whose audit rows one INSERT takes.
 const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Appends the audit rows as COPY would (see `Appender`), each with its id from the
+/// table's identity sequence and the transaction's start as `processed_at`, as
+/// the column defaults give an INSERT's rows.
+fn append(
+    mut appender: Appender,
+    by_meter: &[MeterRows],
+    entries: &[Entry],
+    rule_names: &[String],
+    stream_id: i64,
+    session_id: Option<i64>,
+) -> Result<()> {
+    let identity = sql::one::<pg_sys::Oid>(
+        "SELECT pg_catalog.pg_get_serial_sequence('meter.usage_audit_batches', 'id')::pg_catalog.regclass::pg_catalog.oid",
+        &[],
+    )?
+    .expect("the audit table's id has a sequence");
+    // SAFETY: the transaction's start time, a by-value timestamptz.
+    let processed_at = pg_sys::Datum::from(unsafe { pg_sys::GetCurrentTransactionStartTimestamp() });
+    let (types, mut buffers) = (ElementTypes::new(), sql::ArrayBuffers::default());
+    for rows in by_meter {
+        // SAFETY: nextval of the table's own sequence, with its privilege check.
+        let id = unsafe {
+            pgrx::direct_function_call_as_datum(pg_sys::nextval_oid, &[identity.into_datum()])
+                .expect("nextval returns a value")
+        };
+        let values = appender
+            .in_row_memory(|| row_values(rows, entries, rule_names, stream_id, session_id, &types, &mut buffers));
+        let mut row = [None; 12];
+        row[0] = Some(id);
+        row[1] = Some(processed_at);
+        row[2..].copy_from_slice(&values);
+        appender.push(&row);
+    }
+    appender.finish();
+    Ok(())
+}
+
+/// The element types of the audit's arrays other than text.
+struct ElementTypes {
+    int8: sql::ElementType,
+    numeric: sql::ElementType,
+    timestamptz: sql::ElementType,
+}
+
+impl ElementTypes {
+    fn new() -> ElementTypes {
+        ElementTypes {
+            int8: sql::ElementType::of(pg_sys::INT8OID),
+            numeric: sql::ElementType::of(pg_sys::NUMERICOID),
+            timestamptz: sql::ElementType::of(pg_sys::TIMESTAMPTZOID),
+        }
+    }
+}
+
+/// An audit row's values for `COLUMNS`, in the current memory context: the
+/// meter's, and each record's (its rule by position in `rule_names`).
+fn row_values(
+    rows: &MeterRows,
+    entries: &[Entry],
+    rule_names: &[String],
+    stream_id: i64,
+    session_id: Option<i64>,
+    types: &ElementTypes,
+    buffers: &mut sql::ArrayBuffers,
+) -> [Option<pg_sys::Datum>; 10] {
+    let MeterHead {
+        meter_id,
+        user_id,
+        period_start,
+    } = rows.head;
+    let records = || rows.positions.iter().map(|&at| &entries[at as usize]);
+    let ElementTypes {
+        int8,
+        numeric,
+        timestamptz,
+    } = types;
+    [
+        session_id.into_datum(),
+        stream_id.into_datum(),
+        meter_id.into_datum(),
+        user_id.as_str().into_datum(),
+        to_timestamptz(*period_start).into_datum(),
+        Some(int8.array_of(records().map(|r| r.usage_id.map(pg_sys::Datum::from)), buffers)),
+        Some(sql::text_array(records().map(|r| r.record_id.as_deref()))),
+        Some(sql::text_array(
+            records().map(|r| Some(rule_names[r.rule as usize].as_str())),
+        )),
+        Some(numeric.array_of(records().map(|r| Some(r.amount.to_numeric())), buffers)),
+        Some(timestamptz.array_of(records().map(|r| to_timestamptz(r.at).into_datum()), buffers)),
+    ]
+}
 
 /// `meters`' audit rows as a `meter.usage_audit_batches[]` datum in the current
 /// memory context.
@@ -238,58 +355,14 @@ unsafe fn row_array(
                 .into_owned()
         })
         .collect();
-    let position = |name: &str| columns.iter().position(|c| c == name).expect("an audit column");
-    let at = [
-        "session_id",
-        "stream_id",
-        "meter_id",
-        "user_id",
-        "period_start",
-        "usage_ids",
-        "record_ids",
-        "rules",
-        "amounts",
-        "record_ats",
-    ]
-    .map(position);
+    let at = COLUMNS.map(|name| columns.iter().position(|c| c == name).expect("an audit column"));
     // Columns not set here (id, processed_at) stay NULL; the INSERT names its own.
     let mut values = vec![pg_sys::Datum::from(0); columns.len()];
     let mut nulls = vec![true; columns.len()];
-    let (int8, text, numeric, timestamptz) = (
-        sql::ElementType::of(pg_sys::INT8OID),
-        sql::ElementType::of(pg_sys::TEXTOID),
-        sql::ElementType::of(pg_sys::NUMERICOID),
-        sql::ElementType::of(pg_sys::TIMESTAMPTZOID),
-    );
-    // Each rule's text once: an array copies its elements.
-    let rule_texts: Vec<pg_sys::Datum> = rule_names.iter().map(|name| sql::text_datum(name)).collect();
-    let mut buffers = sql::ArrayBuffers::default();
+    let (types, mut buffers) = (ElementTypes::new(), sql::ArrayBuffers::default());
     let mut elements = Vec::with_capacity(batch.len());
     for rows in batch {
-        let MeterHead {
-            meter_id,
-            user_id,
-            period_start,
-        } = rows.head;
-        let records = || rows.positions.iter().map(|&at| &entries[at as usize]);
-        let mut array_of = |element: &sql::ElementType, values: &mut dyn Iterator<Item = Option<pg_sys::Datum>>| {
-            Some(element.array_of(values, &mut buffers))
-        };
-        let fields = [
-            session_id.into_datum(),
-            stream_id.into_datum(),
-            meter_id.into_datum(),
-            user_id.as_str().into_datum(),
-            to_timestamptz(*period_start).into_datum(),
-            array_of(&int8, &mut records().map(|r| r.usage_id.map(pg_sys::Datum::from))),
-            array_of(
-                &text,
-                &mut records().map(|r| r.record_id.as_deref().map(sql::text_datum)),
-            ),
-            array_of(&text, &mut records().map(|r| Some(rule_texts[r.rule as usize]))),
-            array_of(&numeric, &mut records().map(|r| Some(r.amount.to_numeric()))),
-            array_of(&timestamptz, &mut records().map(|r| to_timestamptz(r.at).into_datum())),
-        ];
+        let fields = row_values(rows, entries, rule_names, stream_id, session_id, &types, &mut buffers);
         for (&column, field) in at.iter().zip(fields) {
             nulls[column] = field.is_none();
             values[column] = field.unwrap_or(pg_sys::Datum::from(0));

@@ -19,6 +19,7 @@ pub mod schedule;
 pub mod session;
 
 mod api;
+mod append;
 mod audit;
 mod catalog;
 mod convert;

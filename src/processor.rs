@@ -19,6 +19,7 @@ use pgrx::prelude::*;
 use serde_json::{Map, Value};
 
 use crate::aggregate::{Aggregation, Contribution, GroupRef, GroupState, MeterState, SeenValues, Usage};
+use crate::append::Appender;
 use crate::audit::{AuditRows, AuditedRecord};
 use crate::catalog::{self, MeterTypeSettings, NewMeter, Stream};
 use crate::convert::{to_timestamp, to_timestamptz};
@@ -820,57 +821,61 @@ impl<'s> Processor<'s> {
         now: TimestampWithTimeZone,
         forget_before: TimestampWithTimeZone,
     ) -> Result<HashSet<String>> {
-        let mut buffers = sql::ArrayBuffers::default();
-        let text_ids = |items: &[&Taken], buffers: &mut sql::ArrayBuffers| {
-            sql::ElementType::of(pg_sys::TEXTOID)
-                .array_of(items.iter().map(|t| t.record_id.map(sql::text_datum)), buffers)
-        };
-        let ids = text_ids(claiming, &mut buffers);
         let claimed_ids: Vec<&str> = claiming.iter().filter_map(|t| t.record_id).collect();
         // Every id seen, expired ones included: those are claimed again by upsert.
         let known: HashSet<String> = dedupe::known_among(
             self.stream.id,
             &claimed_ids,
-            // SAFETY: a text[] built just now in the current memory context.
-            || unsafe { DatumWithOid::new(ids, pg_sys::TEXTARRAYOID) },
+            || claimed_ids.clone().into(),
             TimestampWithTimeZone::negative_infinity(),
         )?
         .into_iter()
         .collect();
-        let insert_new = |new: &[&Taken], ids: pg_sys::Datum| -> Result<()> {
-            if new.is_empty() {
-                return Ok(());
-            }
-            let meters = sql::ElementType::of(pg_sys::INT8OID).array_of(
-                new.iter().map(|t| self.claimed_meter(t).map(pg_sys::Datum::from)),
-                &mut sql::ArrayBuffers::default(),
-            );
-            // SAFETY (both `DatumWithOid::new`): arrays of the types named, built in
-            // the current memory context.
-            sql::execute(
-                "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at, meter_id)
-                 SELECT $1, c.id, $3, c.meter FROM unnest($2::text[], $4::bigint[]) AS c(id, meter)",
-                &[
-                    self.stream.id.into(),
-                    unsafe { DatumWithOid::new(ids, pg_sys::TEXTARRAYOID) },
-                    now.into(),
-                    unsafe { DatumWithOid::new(meters, pg_sys::INT8ARRAYOID) },
-                ],
-            )?;
-            Ok(())
-        };
         if known.is_empty() {
-            // The usual case: every id is new, and the probe's array serves again.
-            insert_new(claiming, ids)?;
+            // The usual case: every id is new.
+            self.insert_claims(claiming, now)?;
             return Ok(known);
         }
         let (seen, new): (Vec<&Taken>, Vec<&Taken>) = claiming
             .iter()
             .partition(|t| t.record_id.is_some_and(|id| known.contains(id)));
-        insert_new(&new, text_ids(&new, &mut buffers))?;
+        self.insert_claims(&new, now)?;
         // Ids seen before: those past the retention count again.
         let renewed: HashSet<String> = self.upsert_record_ids(&seen, now, forget_before)?.into_iter().collect();
         Ok(known.into_iter().filter(|id| !renewed.contains(id)).collect())
+    }
+
+    /// Inserts the claims of ids the stream never saw, `at` the time given: appended
+    /// as COPY appends rows (`Appender`), or by an INSERT where the table has
+    /// triggers or row security.
+    fn insert_claims(&self, new: &[&Taken], at: TimestampWithTimeZone) -> Result<()> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let table = sql::one::<pg_sys::Oid>("SELECT 'meter.dedupe_keys'::pg_catalog.regclass::pg_catalog.oid", &[])?
+            .expect("the claims table has an oid");
+        if let Some(mut appender) = Appender::open(table, &["stream_id", "record_id", "seen_at", "meter_id"]) {
+            let (stream_id, seen_at) = (self.stream.id.into_datum(), at.into_datum());
+            for item in new {
+                let record_id = item.record_id.map(|id| appender.text(id));
+                appender.push(&[
+                    stream_id,
+                    record_id,
+                    seen_at,
+                    self.claimed_meter(item).map(pg_sys::Datum::from),
+                ]);
+            }
+            appender.finish();
+            return Ok(());
+        }
+        let ids: Vec<&str> = new.iter().filter_map(|t| t.record_id).collect();
+        let meters: Vec<Option<i64>> = new.iter().map(|t| self.claimed_meter(t)).collect();
+        sql::execute(
+            "INSERT INTO meter.dedupe_keys (stream_id, record_id, seen_at, meter_id)
+             SELECT $1, c.id, $3, c.meter FROM unnest($2::text[], $4::bigint[]) AS c(id, meter)",
+            &[self.stream.id.into(), ids.into(), at.into(), meters.into()],
+        )?;
+        Ok(())
     }
 
     /// The meter a claimed id's record goes to (none yet for a simulated new meter).

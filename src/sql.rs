@@ -422,3 +422,53 @@ pub fn text_datum(text: &str) -> pg_sys::Datum {
     // SAFETY: copies `text.len()` bytes from a live str.
     pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(text.as_ptr().cast(), text.len() as i32) })
 }
+
+/// A text[] of `values` (`None`: a NULL element) in the current memory context,
+/// laid out as `construct_md_array` lays it out, in one allocation: without a
+/// text datum allocated and copied per element (a run's audit arrays hold a
+/// million record ids).
+pub fn text_array<'a>(values: impl Iterator<Item = Option<&'a str>> + Clone) -> pg_sys::Datum {
+    const HEADER: usize = 24; // ArrayType (16 bytes), then one dimension and its lower bound
+    let int_align = |len: usize| (len + 3) & !3;
+    let max_align = |len: usize| (len + 7) & !7;
+    let (mut count, mut any_null, mut data_len) = (0usize, false, 0usize);
+    for value in values.clone() {
+        count += 1;
+        match value {
+            Some(text) => data_len += int_align(pg_sys::VARHDRSZ + text.len()),
+            None => any_null = true,
+        }
+    }
+    if count == 0 {
+        // SAFETY: PostgreSQL's own empty array (no dimensions) of text.
+        return pg_sys::Datum::from(unsafe { pg_sys::construct_empty_array(pg_sys::TEXTOID) });
+    }
+    let bitmap_len = if any_null { count.div_ceil(8) } else { 0 };
+    let data_offset = max_align(HEADER + bitmap_len);
+    let total = data_offset + data_len;
+    // SAFETY: every write below is within the `total` bytes allocated (zeroed, so
+    // padding and NULL bits are zero), at the offsets of PostgreSQL's array layout.
+    unsafe {
+        let array = pg_sys::palloc0(total).cast::<u8>();
+        pgrx::set_varsize_4b(array.cast(), total as i32);
+        let header = array.cast::<pg_sys::ArrayType>();
+        (*header).ndim = 1;
+        (*header).dataoffset = if any_null { data_offset as i32 } else { 0 };
+        (*header).elemtype = pg_sys::TEXTOID;
+        let dims = array.add(std::mem::size_of::<pg_sys::ArrayType>()).cast::<i32>();
+        *dims = count as i32;
+        *dims.add(1) = 1;
+        let (bitmap, mut at) = (array.add(HEADER), data_offset);
+        for (position, value) in values.enumerate() {
+            let Some(text) = value else { continue };
+            if any_null {
+                *bitmap.add(position / 8) |= 1 << (position % 8);
+            }
+            let element = array.add(at);
+            pgrx::set_varsize_4b(element.cast(), (pg_sys::VARHDRSZ + text.len()) as i32);
+            std::ptr::copy_nonoverlapping(text.as_ptr(), element.add(pg_sys::VARHDRSZ), text.len());
+            at += int_align(pg_sys::VARHDRSZ + text.len());
+        }
+        pg_sys::Datum::from(array)
+    }
+}

@@ -147,6 +147,80 @@ mod tests {
         );
     }
 
+    /// A run over ids `a b a c b d` in chunks of two: the second `a` and `b` come
+    /// in later chunks than the first, and are found among the claims appended.
+    fn run_with_ids_repeated_across_chunks() {
+        dedupe_stream();
+        run("SET LOCAL meter_ext.chunk_size = 2");
+        run(
+            r#"SELECT meter.ingest('s', '[{"id": "a", "userId": "u", "value": 1}, {"id": "b", "userId": "u", "value": 2},
+                                         {"id": "a", "userId": "u", "value": 4}, {"id": "c", "userId": "v", "value": 8},
+                                         {"id": "b", "userId": "u", "value": 16}, {"userId": "v", "value": 32}]')"#,
+        );
+        assert_eq!(process("s"), counts(4, 2, 0));
+        assert_eq!(value_of("u", "calls").as_deref(), Some("3"));
+        assert_eq!(value_of("v", "calls").as_deref(), Some("40"));
+    }
+
+    #[pg_test]
+    fn claims_and_audit_rows_are_appended_with_what_an_insert_would_give_them() {
+        run_with_ids_repeated_across_chunks();
+        // Each id once, at the run's time, with the meter its record went to.
+        assert_eq!(
+            rows(
+                "SELECT k.record_id, k.seen_at BETWEEN now() AND clock_timestamp() AS at_run_time, m.user_id
+                   FROM meter.dedupe_keys k JOIN meter.meters m ON m.id = k.meter_id ORDER BY 1"
+            ),
+            json!([
+                {"record_id": "a", "at_run_time": true, "user_id": "u"},
+                {"record_id": "b", "at_run_time": true, "user_id": "u"},
+                {"record_id": "c", "at_run_time": true, "user_id": "v"}
+            ])
+        );
+        // Audit rows get ids from the table's identity and the transaction's time,
+        // as the column defaults give an INSERT's rows; the next INSERT's id follows.
+        assert_eq!(
+            rows(
+                "SELECT user_id, record_ids, processed_at = now() AS at_run_time,
+                        id = (SELECT max(id) FROM meter.usage_audit_batches) - count(*) OVER () + row_number() OVER (ORDER BY id)
+                          AS from_the_sequence
+                   FROM meter.usage_audit_batches ORDER BY id"
+            ),
+            json!([
+                {"user_id": "u", "record_ids": ["a", "b"], "at_run_time": true, "from_the_sequence": true},
+                {"user_id": "v", "record_ids": ["c", null], "at_run_time": true, "from_the_sequence": true}
+            ])
+        );
+        let last = sql_i64("SELECT max(id) FROM meter.usage_audit_batches");
+        run("INSERT INTO meter.usage_audit_batches (stream_id, meter_id, user_id, period_start, usage_ids, record_ids, rules, amounts, record_ats)
+             VALUES (0, 0, 'x', now(), '{}', '{}', '{}', '{}', '{}')");
+        assert_eq!(sql_i64("SELECT max(id) FROM meter.usage_audit_batches"), last + 1);
+    }
+
+    #[pg_test]
+    fn claims_and_audit_rows_fire_triggers_on_their_tables() {
+        // A trigger an operator put on them: the rows then go through an INSERT.
+        run("CREATE TABLE public.written (tab text)");
+        run(
+            "CREATE FUNCTION public.note_row() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.written (tab) VALUES (TG_TABLE_NAME); RETURN NULL; END $$",
+        );
+        run("CREATE TRIGGER noted AFTER INSERT ON meter.dedupe_keys FOR EACH ROW EXECUTE FUNCTION public.note_row()");
+        run("CREATE TRIGGER noted AFTER INSERT ON meter.usage_audit_batches FOR EACH ROW EXECUTE FUNCTION public.note_row()");
+        run_with_ids_repeated_across_chunks();
+        assert_eq!(
+            rows("SELECT tab, count(*) AS n FROM public.written GROUP BY tab ORDER BY tab"),
+            json!([{"tab": "dedupe_keys", "n": 3}, {"tab": "usage_audit_batches", "n": 2}])
+        );
+        assert_eq!(
+            sql_text(
+                "SELECT string_agg(coalesce(record_id, '-'), ',' ORDER BY batch_id, position) FROM meter.usage_audit"
+            )
+            .as_deref(),
+            Some("a,b,c,-")
+        );
+    }
+
     #[pg_test]
     fn auto_creation_makes_the_first_matching_rules_meter() {
         eu_and_all(true);

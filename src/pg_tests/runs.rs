@@ -40,6 +40,36 @@ mod tests {
     }
 
     #[pg_test]
+    fn text_arrays_built_in_one_allocation_equal_postgresqls_own() {
+        let many: Vec<Option<&str>> = (0..19)
+            .map(|i| (i % 3 != 1).then_some(["x", "", "ünïcödé"][i % 3]))
+            .collect();
+        let cases: [Vec<Option<&str>>; 6] = [
+            vec![],
+            vec![Some("a")],
+            vec![Some(""), Some("a\"b,{c} d"), Some("NULL")],
+            vec![None],
+            vec![Some("abc"), None, Some("de")],
+            many,
+        ];
+        for case in cases {
+            let ours = crate::sql::text_array(case.iter().copied());
+            let theirs: Vec<Option<String>> = case.iter().map(|v| v.map(str::to_string)).collect();
+            let same = Spi::get_one_with_args::<bool>(
+                "SELECT $1 IS NOT DISTINCT FROM $2 AND array_ndims($1) IS NOT DISTINCT FROM array_ndims($2)
+                        AND array_send($1) = array_send($2) AND $1::text = $2::text",
+                // SAFETY: a text[] built just now in the current memory context.
+                &[
+                    unsafe { pgrx::datum::DatumWithOid::new(ours, pg_sys::TEXTARRAYOID) },
+                    theirs.into(),
+                ],
+            )
+            .unwrap();
+            assert_eq!(same, Some(true), "{case:?}");
+        }
+    }
+
+    #[pg_test]
     fn our_statements_are_never_jit_compiled() {
         // JIT on for everything, as a session with `jit_above_cost = 0` has it.
         Spi::run("SET LOCAL jit = on; SET LOCAL jit_above_cost = 0").unwrap();
