@@ -10,7 +10,7 @@ use crate::errors::{MeterError, Result};
 use crate::gucs;
 use crate::jsonb::{self, Container, Node, Projection};
 use crate::processor::Input;
-use crate::record::{self, extract, Clock, FieldMap, FoundFields, Rejection};
+use crate::record::{extract, Clock, FieldMap, FoundFields, Rejection};
 use crate::sql;
 
 /// `ingest`'s answer.
@@ -93,60 +93,31 @@ fn element_input(usage_id: Option<i64>, node: Node, projection: &Projection) -> 
 }
 
 /// The record id of an object record that has every field a record needs, or why
-/// it will never be metered. Fields that are scalars (the usual record) are read
-/// in place; a record with an array or object at one of them is read through
-/// `projection`, which judges nesting as a run would.
+/// it will never be metered: the run's checks (`FoundFields::check`) of its user
+/// id, id and timestamp, read in place from its jsonb bytes (building serde values
+/// of them cost a third of `ingest`'s own work). A record with an array or object
+/// at one of them is read through `projection` instead, which judges its nesting
+/// as a run would.
 pub(crate) fn check_object(
     object: Container,
     fields: &FieldMap,
     projection: &Projection,
     clock: &Clock,
 ) -> std::result::Result<Option<String>, Rejection> {
-    if let Some(record_id) = checked_in_place(object, fields, clock) {
-        return Ok(record_id);
+    let [user_id, id, timestamp] = [&fields.user_id, &fields.id, &fields.timestamp]
+        .map(|path| jsonb::node_at(object, path).filter(|node| !matches!(node, Node::Null)));
+    if [user_id, id, timestamp]
+        .iter()
+        .flatten()
+        .any(|node| matches!(node, Node::Container(_)))
+    {
+        let record = projection.apply(object)?;
+        return extract(&record, fields, clock).map(|extracted| extracted.record_id);
     }
-    let scalars = (
-        jsonb::scalar_at(object, &fields.user_id),
-        jsonb::scalar_at(object, &fields.id),
-        jsonb::scalar_at(object, &fields.timestamp),
-    );
-    match scalars {
-        (Ok(user_id), Ok(id), Ok(timestamp)) => {
-            let found = FoundFields {
-                user_id: user_id.as_ref(),
-                id: id.as_ref(),
-                timestamp: timestamp.as_ref(),
-            };
-            found.check(fields, clock).map(|checked| checked.record_id)
-        }
-        _ => {
-            let record = projection.apply(object)?;
-            extract(&record, fields, clock).map(|extracted| extracted.record_id)
-        }
-    }
-}
-
-/// The record id of the commonest record, checked on the bytes of its jsonb: a
-/// string user id, a string id or none, a string timestamp or none, each valid.
-/// None for anything else (numbers, say), which `check_object` then checks in full
-/// and rejects with the reason. Building serde values of the three fields to check
-/// them cost a third of `ingest`'s own work.
-pub(crate) fn checked_in_place(object: Container, fields: &FieldMap, clock: &Clock) -> Option<Option<String>> {
-    // Some(None): absent or null; None: not a string.
-    let text = |path| match jsonb::node_at(object, path) {
-        None | Some(Node::Null) => Some(None),
-        Some(Node::String(bytes)) => std::str::from_utf8(bytes).ok().map(Some),
-        Some(_) => None,
-    };
-    record::check_id(text(&fields.user_id)??).ok()?;
-    let id = text(&fields.id)?;
-    if let Some(id) = id {
-        record::check_id(id).ok()?;
-    }
-    if let Some(timestamp) = text(&fields.timestamp)? {
-        clock.not_future(record::parse_timestamp_text(timestamp)?).ok()?;
-    }
-    Some(id.map(str::to_string))
+    let found = FoundFields { user_id, id, timestamp };
+    found
+        .check(fields, clock)
+        .map(|checked| checked.record_id.map(std::borrow::Cow::into_owned))
 }
 
 /// `meter.ingest`: a realtime stream meters the records now (see `realtime`); a

@@ -5,12 +5,15 @@
 //!
 //! Everything is bounds-checked: malformed bytes read as null, never as a panic.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 
 use pgrx::pg_sys;
 use serde_json::{Map, Number, Value};
 
-use crate::record::{FieldPath, Projected, Rejection, NO_SLOT};
+use jiff::Timestamp;
+
+use crate::record::{parse_timestamp, parse_timestamp_text, FieldPath, FieldValue, Projected, Rejection, NO_SLOT};
 
 const JB_CMASK: u32 = 0x0FFF_FFFF;
 const JB_FSCALAR: u32 = 0x1000_0000;
@@ -378,18 +381,6 @@ fn value_within(node: Node, levels: usize) -> Option<Value> {
     })
 }
 
-/// The scalar at `path` in an object, read in place: `Ok(None)` when the path
-/// finds nothing or null (as `FieldPath::get` does in the record read whole), and
-/// `Err(NotScalar)` when it ends at an array or object, which only reading the
-/// record through a `Projection` judges (too deep, say).
-pub fn scalar_at(object: Container, path: &FieldPath) -> Result<Option<Value>, NotScalar> {
-    match node_at(object, path) {
-        None | Some(Node::Null) => Ok(None),
-        Some(Node::Container(_)) => Err(NotScalar),
-        Some(scalar) => Ok(Some(to_value(scalar))),
-    }
-}
-
 /// The node at `path` in an object, in place; none when the path finds nothing
 /// (a path through a non-object finds nothing).
 pub fn node_at<'a>(object: Container<'a>, path: &FieldPath) -> Option<Node<'a>> {
@@ -403,10 +394,6 @@ pub fn node_at<'a>(object: Container<'a>, path: &FieldPath) -> Option<Node<'a>> 
     Some(node)
 }
 
-/// See `scalar_at`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct NotScalar;
-
 /// A node reduced to its kind, containers left empty: enough to reject a record
 /// that is not an object, without reading (or recursing into) what it holds.
 pub fn shallow_value(node: Node) -> Value {
@@ -415,6 +402,29 @@ pub fn shallow_value(node: Node) -> Value {
         Node::Container(c) if c.is_object() => Value::Object(Map::new()),
         Node::Container(_) => Value::Array(Vec::new()),
         scalar => to_value(scalar),
+    }
+}
+
+/// A scalar read in place, checked as a record's user id, id or timestamp: its
+/// text borrowed from the jsonb bytes where it is a string.
+impl FieldValue for Node<'_> {
+    fn id_text(&self) -> Option<Cow<'_, str>> {
+        match *self {
+            Node::String(bytes) => Some(String::from_utf8_lossy(bytes)),
+            Node::Number(varlena) => numeric_text(varlena).map(Cow::Owned),
+            _ => None,
+        }
+    }
+
+    fn timestamp(&self) -> Option<Timestamp> {
+        match *self {
+            Node::String(bytes) => parse_timestamp_text(&String::from_utf8_lossy(bytes)),
+            other => parse_timestamp(&shallow_value(other)),
+        }
+    }
+
+    fn shown(&self) -> Cow<'_, Value> {
+        Cow::Owned(shallow_value(*self))
     }
 }
 

@@ -4,6 +4,7 @@
 //! timestamp and id are found by dotted paths (the stream's field mapping).
 //! Numbers stay exact: serde_json keeps their text and values become `BigDecimal`.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::fmt;
 use std::rc::Rc;
@@ -369,18 +370,16 @@ pub fn describe(v: &Value) -> String {
 }
 
 /// Text of an id-like field (user id, record id): a non-empty string or a number.
-fn id_text(v: &Value) -> Result<String, String> {
-    let text = match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        other => return Err(format!("is {}: use a string or a number", json_kind(other))),
-    };
+fn id_text<V: FieldValue>(v: &V) -> Result<Cow<'_, str>, String> {
+    let text = v
+        .id_text()
+        .ok_or_else(|| format!("is {}: use a string or a number", json_kind(&v.shown())))?;
     check_id(&text)?;
     Ok(text)
 }
 
 /// Why `text` cannot be an id (user id, record id), if it cannot.
-pub fn check_id(text: &str) -> Result<(), String> {
+fn check_id(text: &str) -> Result<(), String> {
     if text.trim().is_empty() {
         return Err("is empty".into());
     }
@@ -414,51 +413,82 @@ pub fn extract<'a>(
     };
     let checked = found.check(fields, clock)?;
     Ok(Extracted {
-        user_id: checked.user_id,
-        record_id: checked.record_id,
+        user_id: checked.user_id.into_owned(),
+        record_id: checked.record_id.map(Cow::into_owned),
         timestamp: checked.timestamp,
         value: record.get(&fields.value),
     })
 }
 
-/// What an object record holds at its user id, id and timestamp paths (`None`:
-/// missing or null), however it was read.
-pub struct FoundFields<'v> {
-    pub user_id: Option<&'v Value>,
-    pub id: Option<&'v Value>,
-    pub timestamp: Option<&'v Value>,
+/// A field's value as the record checks read it: a serde value, or (`jsonb::Node`)
+/// a value read in place from a record's jsonb bytes, which `ingest` checks
+/// without building serde values of them.
+pub trait FieldValue {
+    /// A string's text, or a number's JSON text; `None` for anything else.
+    fn id_text(&self) -> Option<Cow<'_, str>>;
+    /// `parse_timestamp` of the value.
+    fn timestamp(&self) -> Option<Timestamp>;
+    /// The value as a rejection's reason shows it (`describe`, `json_kind`).
+    fn shown(&self) -> Cow<'_, Value>;
 }
 
-/// The fields every record needs, checked.
-pub struct CheckedFields {
-    pub user_id: String,
-    pub record_id: Option<String>,
+impl FieldValue for &Value {
+    fn id_text(&self) -> Option<Cow<'_, str>> {
+        match self {
+            Value::String(s) => Some(Cow::Borrowed(s)),
+            Value::Number(n) => Some(Cow::Owned(n.to_string())),
+            _ => None,
+        }
+    }
+
+    fn timestamp(&self) -> Option<Timestamp> {
+        parse_timestamp(self)
+    }
+
+    fn shown(&self) -> Cow<'_, Value> {
+        Cow::Borrowed(self)
+    }
+}
+
+/// What an object record holds at its user id, id and timestamp paths (`None`:
+/// missing or null), however it was read.
+pub struct FoundFields<V> {
+    pub user_id: Option<V>,
+    pub id: Option<V>,
+    pub timestamp: Option<V>,
+}
+
+/// The fields every record needs, checked (the ids borrowed from the record
+/// where it holds them as strings).
+pub struct CheckedFields<'v> {
+    pub user_id: Cow<'v, str>,
+    pub record_id: Option<Cow<'v, str>>,
     pub timestamp: Option<Timestamp>,
 }
 
-impl FoundFields<'_> {
+impl<V: FieldValue> FoundFields<V> {
     /// `extract`'s checks, in its order: user id, id, timestamp, not in the future.
-    pub fn check(&self, fields: &FieldMap, clock: &Clock) -> Result<CheckedFields, Rejection> {
+    pub fn check(&self, fields: &FieldMap, clock: &Clock) -> Result<CheckedFields<'_>, Rejection> {
         let user_field = || fields.user_id.as_str().to_string();
-        let user_id = match self.user_id {
+        let user_id = match &self.user_id {
             None => return Err(Rejection::MissingUserId { field: user_field() }),
             Some(v) => id_text(v).map_err(|reason| Rejection::InvalidUserId {
                 field: user_field(),
                 reason,
             })?,
         };
-        let record_id = match self.id {
+        let record_id = match &self.id {
             None => None,
             Some(v) => Some(id_text(v).map_err(|reason| Rejection::InvalidRecordId {
                 field: fields.id.as_str().to_string(),
                 reason,
             })?),
         };
-        let timestamp = match self.timestamp {
+        let timestamp = match &self.timestamp {
             None => None,
-            Some(v) => Some(parse_timestamp(v).ok_or_else(|| Rejection::InvalidTimestamp {
+            Some(v) => Some(v.timestamp().ok_or_else(|| Rejection::InvalidTimestamp {
                 field: fields.timestamp.as_str().to_string(),
-                found: describe(v),
+                found: describe(&v.shown()),
             })?),
         };
         if let Some(t) = timestamp {

@@ -27,13 +27,13 @@ mod tests {
         })
     }
 
-    /// `ingest`'s check of a record read in place takes the records it can judge on
-    /// their bytes (string fields) and gives the full check's answer for them; it
-    /// leaves every other record (numbers, bad or missing fields) to the full check.
+    /// `ingest` checks a record's user id, id and timestamp on its jsonb bytes, and
+    /// gives the answer a run's check of the record read whole gives: the same
+    /// record id, or the same rejection with the same reason.
     #[pg_test]
-    fn the_in_place_check_agrees_with_the_full_check() {
-        use crate::inbox::{check_object, checked_in_place};
-        use crate::record::{Clock, FieldMap};
+    fn ingests_check_on_jsonb_bytes_agrees_with_the_runs_check() {
+        use crate::inbox::check_object;
+        use crate::record::{extract, Clock, FieldMap};
         let fields = FieldMap::default();
         let clock = Clock {
             now: "2026-06-01T12:00:00Z".parse().unwrap(),
@@ -41,43 +41,35 @@ mod tests {
         };
         let checked = Projection::of([&fields.user_id, &fields.timestamp, &fields.id]);
         let long = "x".repeat(crate::record::MAX_ID_LEN + 1);
-        // (record, whether the in-place check judges it)
         let cases = [
-            (
-                json!({"userId": "u1", "id": "r1", "timestamp": "2026-06-01T11:00:00Z", "value": 3}),
-                true,
-            ),
-            (
-                json!({"userId": "u1", "timestamp": "2026-06-01T11:00:00.123+02:00"}),
-                true,
-            ),
-            (
-                json!({"userId": "u1", "id": "r2", "timestamp": "2026-06-01 11:00:00"}),
-                true,
-            ),
-            (json!({"userId": "u1", "id": "r3", "timestamp": "1780000000000"}), true),
-            (json!({"userId": "u1", "id": "r4", "timestamp": null}), true),
-            (json!({"userId": "u1", "id": null}), true),
-            (json!({"userId": "u1", "id": 42}), false),
-            (json!({"userId": 7, "id": "r5"}), false),
-            (
-                json!({"userId": "u1", "id": "r6", "timestamp": 1780000000000_i64}),
-                false,
-            ),
-            (
-                json!({"userId": "u1", "id": "r7", "timestamp": "2026-06-01T12:06:00Z"}),
-                false,
-            ),
-            (json!({"userId": "u1", "id": "r8", "timestamp": "yesterday"}), false),
-            (json!({"userId": "  ", "id": "r9"}), false),
-            (json!({"userId": "u1", "id": ""}), false),
-            (json!({"userId": "u1", "id": long}), false),
-            (json!({"id": "r11"}), false),
-            (json!({"userId": null, "id": "r12"}), false),
-            (json!({"userId": {"nested": 1}, "id": "r13"}), false),
-            (json!({"userId": "u1", "id": ["r14"]}), false),
+            json!({"userId": "u1", "id": "r1", "timestamp": "2026-06-01T11:00:00Z", "value": 3}),
+            json!({"userId": "u1", "timestamp": "2026-06-01T11:00:00.123+02:00"}),
+            json!({"userId": "u1", "id": "r2", "timestamp": "2026-06-01 11:00:00"}),
+            json!({"userId": "u1", "id": "r3", "timestamp": "1780000000000"}),
+            json!({"userId": "u1", "id": "r4", "timestamp": null}),
+            json!({"userId": "u1", "id": null}),
+            json!({"userId": "u1", "id": 42}),
+            json!({"userId": 7, "id": "r5"}),
+            json!({"userId": 7.50, "id": -0.5}),
+            json!({"userId": "u1", "id": "r6", "timestamp": 1780000000000_i64}),
+            json!({"userId": "u1", "id": "r6b", "timestamp": 1780000000000.5}),
+            json!({"userId": "u1", "id": "r7", "timestamp": "2026-06-01T12:06:00Z"}),
+            json!({"userId": "u1", "id": "r8", "timestamp": "yesterday"}),
+            json!({"userId": "u1", "id": "r8b", "timestamp": "a timestamp of more than forty characters, quoted"}),
+            json!({"userId": "u1", "id": "r8c", "timestamp": 1.2345678901234568e44}),
+            json!({"userId": "u1", "id": "r8d", "timestamp": true}),
+            json!({"userId": "  ", "id": "r9"}),
+            json!({"userId": "u1", "id": ""}),
+            json!({"userId": "u1", "id": long}),
+            json!({"userId": false, "id": "r10b"}),
+            json!({"id": "r11"}),
+            json!({"userId": null, "id": "r12"}),
+            json!({"userId": {"nested": 1}, "id": "r13"}),
+            json!({"userId": "u1", "id": ["r14"]}),
+            json!({"userId": "smörgåsbord ✓", "id": "🚀"}),
         ];
-        for (record, judged) in cases {
+        let mut outcomes = Vec::new();
+        for record in cases {
             let datum =
                 Spi::get_one_with_args::<jsonb::RawJsonb>("SELECT $1::text::jsonb", &[record.to_string().into()])
                     .unwrap()
@@ -85,13 +77,30 @@ mod tests {
                     .0;
             let bytes = unsafe { jsonb::datum_bytes(datum) };
             let object = Container::from_varlena(&bytes).unwrap();
-            let in_place = checked_in_place(object, &fields, &clock);
-            let full = check_object(object, &fields, &checked, &clock);
-            assert_eq!(in_place.is_some(), judged, "{record}");
-            if let Some(record_id) = in_place {
-                assert_eq!(full, Ok(record_id), "{record}");
-            }
+            let on_bytes = check_object(object, &fields, &checked, &clock);
+            let by_run = checked
+                .apply(object)
+                .and_then(|projected| extract(&projected, &fields, &clock).map(|extracted| extracted.record_id));
+            assert_eq!(on_bytes, by_run, "{record}");
+            outcomes.push(on_bytes.map_err(|rejection| rejection.to_string()));
         }
+        let id = |text: &str| Ok(Some(text.to_string()));
+        assert_eq!(outcomes[0], id("r1"));
+        assert_eq!(outcomes[1], Ok(None));
+        assert_eq!(outcomes[6], id("42"));
+        assert_eq!(outcomes[8], id("-0.5"));
+        assert_eq!(outcomes[9], id("r6"));
+        assert_eq!(outcomes[24], id("🚀"));
+        let rejected = |at: usize| outcomes[at].clone().unwrap_err();
+        assert!(rejected(11).contains("future"), "{}", rejected(11));
+        assert!(rejected(12).contains("\"yesterday\""), "{}", rejected(12));
+        assert!(rejected(13).contains("a long string"), "{}", rejected(13));
+        assert!(rejected(15).contains("a boolean"), "{}", rejected(15));
+        assert!(
+            rejected(19).contains("a boolean: use a string or a number"),
+            "{}",
+            rejected(19)
+        );
     }
 
     #[pg_test]
