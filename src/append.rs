@@ -6,13 +6,15 @@
 //! … FROM unnest(…)` those claims were a third of a run, and a third of that was
 //! the executor's work per row and a WAL record per heap row, not the index.
 //!
-//! Only a plain table without triggers or row security is appended to this way
-//! (`Appender::open` answers `None` otherwise): nothing an INSERT would do besides
+//! Only a plain table without triggers, row security, CHECK constraints or
+//! generated columns is appended to this way (`Appender::open` answers `None`
+//! otherwise), and NOT NULL is checked here: nothing an INSERT would do besides
 //! writing the row and its index entries is skipped.
 
 use std::ffi::CStr;
 
-use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgSqlErrorCode};
 
 /// Rows per `table_multi_insert`, as COPY buffers them.
 const ROWS_PER_WRITE: usize = 1000;
@@ -25,6 +27,8 @@ pub struct Appender {
     command: pg_sys::CommandId,
     /// Each named column's attribute position.
     columns: Vec<usize>,
+    /// Each named column's name where it is NOT NULL.
+    not_null: Vec<Option<String>>,
     slots: Vec<*mut pg_sys::TupleTableSlot>,
     filled: usize,
 }
@@ -33,7 +37,8 @@ impl Appender {
     /// Opens `table` to append rows of `columns` (every live column of it, in the
     /// order `push` gives their values), after the INSERT privilege check an
     /// INSERT would make. `None` when the table is not a plain one without
-    /// triggers or row security, or has a column not named: those take an INSERT.
+    /// triggers, row security, CHECK constraints or generated columns, or has a
+    /// column not named: those take an INSERT.
     ///
     /// Nothing is undone if an ERROR ends the transaction meanwhile: the abort
     /// releases the relation, its locks and buffer pins, and the memory.
@@ -43,9 +48,11 @@ impl Appender {
         unsafe {
             let relation = pg_sys::table_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             let class = &*(*relation).rd_rel;
+            let constraints = (*(*relation).rd_att).constr;
             let plain = class.relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char
                 && (*relation).trigdesc.is_null()
-                && !class.relrowsecurity;
+                && !class.relrowsecurity
+                && (constraints.is_null() || ((*constraints).num_check == 0 && !(*constraints).has_generated_stored));
             let positions = plain.then(|| positions_of((*relation).rd_att, columns)).flatten();
             let Some(positions) = positions else {
                 pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
@@ -61,6 +68,17 @@ impl Appender {
             pg_sys::InitResultRelInfo(target, relation, 1, std::ptr::null_mut(), 0);
             pg_sys::ExecOpenIndices(target, false);
             let per_row = (*pg_sys::MakePerTupleExprContext(estate)).ecxt_per_tuple_memory;
+            let not_null = positions
+                .iter()
+                .map(|&at| {
+                    let attribute = &*(*(*relation).rd_att).attrs.as_ptr().add(at);
+                    attribute.attnotnull.then(|| {
+                        CStr::from_ptr(attribute.attname.data.as_ptr())
+                            .to_string_lossy()
+                            .into_owned()
+                    })
+                })
+                .collect();
             Some(Appender {
                 relation,
                 estate,
@@ -68,6 +86,7 @@ impl Appender {
                 per_row,
                 command: pg_sys::GetCurrentCommandId(true),
                 columns: positions,
+                not_null,
                 slots: Vec::new(),
                 filled: 0,
             })
@@ -79,6 +98,20 @@ impl Appender {
     /// only live until the next `push` or `finish`, which copy them.
     pub fn push(&mut self, values: &[Option<pg_sys::Datum>]) {
         assert_eq!(values.len(), self.columns.len(), "a value for each column");
+        for (value, not_null) in values.iter().zip(&self.not_null) {
+            if let (None, Some(column)) = (value, not_null) {
+                // SAFETY: the relation is open; its name is the relcache entry's.
+                let table = unsafe { CStr::from_ptr((*(*self.relation).rd_rel).relname.data.as_ptr()) };
+                ereport!(
+                    ERROR,
+                    PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+                    format!(
+                        "null value in column \"{column}\" of relation \"{}\" violates not-null constraint",
+                        table.to_string_lossy()
+                    )
+                );
+            }
+        }
         if self.filled == self.slots.len() {
             // SAFETY: a slot for the open relation, in the executor state's memory
             // (the caller's context may be a chunk's, gone before `finish`).

@@ -198,6 +198,16 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_check_constraint_an_operator_put_on_the_claims_holds() {
+        run("ALTER TABLE meter.dedupe_keys ADD CONSTRAINT no_c CHECK (record_id <> 'c')");
+        let error = error_of(run_with_ids_repeated_across_chunks);
+        assert_eq!(
+            error.map(|(code, message)| (code, message.contains("no_c"))),
+            Some((PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, true))
+        );
+    }
+
+    #[pg_test]
     fn claims_and_audit_rows_fire_triggers_on_their_tables() {
         // A trigger an operator put on them: the rows then go through an INSERT.
         run("CREATE TABLE public.written (tab text)");
