@@ -265,33 +265,19 @@ struct Slot {
 struct Applying<'r> {
     index: usize,
     rule: &'r Rule,
-    slot: Option<usize>,
-    contribution: Contribution,
-    at: Timestamp,
-}
-
-impl<'r> From<Taken<'r, '_>> for Applying<'r> {
-    fn from(taken: Taken<'r, '_>) -> Self {
-        Applying {
-            index: taken.index,
-            rule: taken.rule,
-            slot: taken.slot,
-            contribution: taken.contribution,
-            at: taken.at,
-        }
-    }
-}
-
-/// A record a rule took, before deduplication and application.
-struct Taken<'r, 'e> {
-    index: usize,
-    rule: &'r Rule,
-    type_id: i64,
-    user_id: &'e str,
     /// Its meter in `Meters::slots`; `None` until a meter to create is created.
     slot: Option<usize>,
     contribution: Contribution,
     at: Timestamp,
+}
+
+/// A record a rule took, before deduplication and application: what pass 2
+/// applies, and the ids meter creation and claims read, borrowed from the record's
+/// extracted fields (pass 2 takes those over, so it keeps only `applying`).
+struct Taken<'r, 'e> {
+    applying: Applying<'r>,
+    type_id: i64,
+    user_id: &'e str,
     record_id: Option<&'e str>,
 }
 
@@ -449,13 +435,15 @@ impl<'s> Processor<'s> {
                     let aggregation = slot.map_or(settings.aggregation, |at| self.meters.heads[at].1);
                     match Contribution::from_value(aggregation, record.value, &fields.value, &rule.meter_type) {
                         Ok(contribution) => taken.push(Taken {
-                            index,
-                            rule,
+                            applying: Applying {
+                                index,
+                                rule,
+                                slot,
+                                contribution,
+                                at,
+                            },
                             type_id: settings.id,
                             user_id: &record.user_id,
-                            slot,
-                            contribution,
-                            at,
                             record_id: record.record_id.as_deref(),
                         }),
                         Err(rejection) => outcomes[index] = Some(rejected(&rejection, Some(rule.name.clone()))),
@@ -466,8 +454,8 @@ impl<'s> Processor<'s> {
 
         if !to_create.is_empty() {
             self.create_meters(to_create)?;
-            for item in taken.iter_mut().filter(|t| t.slot.is_none()) {
-                item.slot = self.meters.find(item.type_id, item.user_id);
+            for item in taken.iter_mut().filter(|t| t.applying.slot.is_none()) {
+                item.applying.slot = self.meters.find(item.type_id, item.user_id);
             }
         }
         let duplicates = self.claim_record_ids(&taken)?;
@@ -476,7 +464,7 @@ impl<'s> Processor<'s> {
         let (existing_seen, mut fresh_seen) = (self.load_seen(&taken, &duplicates, inputs)?, HashSet::default());
         // Without their borrows of `extracted`, whose ids each record's outcome and
         // audit row then take over instead of copying.
-        let taken: Vec<Applying> = taken.into_iter().map(Applying::from).collect();
+        let taken: Vec<Applying> = taken.into_iter().map(|t| t.applying).collect();
         let (mut carry_first, mut carry_last) = (Vec::new(), Vec::new());
         for item in taken {
             let input = &inputs[item.index];
@@ -750,9 +738,9 @@ impl<'s> Processor<'s> {
         for item in taken {
             if let Some(id) = item.record_id {
                 if first_in_chunk.contains_key(id) {
-                    duplicates.insert(item.index);
+                    duplicates.insert(item.applying.index);
                 } else {
-                    first_in_chunk.insert(id, item.index);
+                    first_in_chunk.insert(id, item.applying.index);
                 }
             }
         }
@@ -765,7 +753,7 @@ impl<'s> Processor<'s> {
         // their inserts.
         let mut claiming: Vec<&Taken> = taken
             .iter()
-            .filter(|t| t.record_id.is_some_and(|id| first_in_chunk[id] == t.index))
+            .filter(|t| t.record_id.is_some_and(|id| first_in_chunk[id] == t.applying.index))
             .collect();
         claiming.sort_unstable_by_key(|t| t.record_id);
         let now = to_timestamptz(self.clock.now);
@@ -880,7 +868,10 @@ impl<'s> Processor<'s> {
 
     /// The meter a claimed id's record goes to (none yet for a simulated new meter).
     fn claimed_meter(&self, item: &Taken) -> Option<i64> {
-        item.slot.map(|at| self.meters.slots[at].id).filter(|id| *id > 0)
+        item.applying
+            .slot
+            .map(|at| self.meters.slots[at].id)
+            .filter(|id| *id > 0)
     }
 
     /// Claims ids that concurrent transactions may claim too (realtime metering):
@@ -921,7 +912,11 @@ impl<'s> Processor<'s> {
         inputs: &[Input],
     ) -> Result<HashSet<(i64, String, String)>> {
         let (mut meter_ids, mut groups, mut values) = (Vec::new(), Vec::new(), Vec::new());
-        for item in taken.iter().filter(|t| !duplicates.contains(&t.index)) {
+        for item in taken
+            .iter()
+            .map(|t| &t.applying)
+            .filter(|a| !duplicates.contains(&a.index))
+        {
             let Contribution::Distinct(value) = &item.contribution else {
                 continue;
             };
