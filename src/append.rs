@@ -222,13 +222,24 @@ impl Appender {
 unsafe fn positions_of(descriptor: pg_sys::TupleDesc, columns: &[&str]) -> Option<Vec<usize>> {
     let attributes = std::slice::from_raw_parts((*descriptor).attrs.as_ptr(), (*descriptor).natts as usize);
     let live = attributes.iter().filter(|a| !a.attisdropped).count();
-    let positions: Vec<usize> = columns
+    let positions = column_positions(descriptor, columns)?;
+    (positions.len() == live).then_some(positions)
+}
+
+/// The attribute position of each of `columns` in `descriptor` (its live
+/// columns, by name: their order, and any dropped column, are the catalog's);
+/// `None` when one is missing.
+///
+/// # Safety
+/// `descriptor` must be a valid tuple descriptor.
+pub(crate) unsafe fn column_positions(descriptor: pg_sys::TupleDesc, columns: &[&str]) -> Option<Vec<usize>> {
+    let attributes = std::slice::from_raw_parts((*descriptor).attrs.as_ptr(), (*descriptor).natts as usize);
+    columns
         .iter()
         .map(|name| {
             attributes
                 .iter()
                 .position(|a| !a.attisdropped && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == name.as_bytes())
         })
-        .collect::<Option<_>>()?;
-    (positions.len() == live).then_some(positions)
+        .collect()
 }

@@ -12,7 +12,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
 
-use crate::append::Appender;
+use crate::append::{column_positions, Appender};
 use crate::convert::to_timestamptz;
 use crate::errors::Result;
 use crate::sql;
@@ -346,19 +346,11 @@ unsafe fn row_array(
     session_id: Option<i64>,
 ) -> DatumWithOid<'static> {
     let descriptor = unsafe { pg_sys::lookup_rowtype_tupdesc(row_type, -1) };
-    // Columns by name: the table's order (and any dropped column) is the catalog's.
-    let columns: Vec<String> = (0..unsafe { (*descriptor).natts } as usize)
-        .map(|i| {
-            let attribute = unsafe { &*(*descriptor).attrs.as_ptr().add(i) };
-            unsafe { std::ffi::CStr::from_ptr(attribute.attname.data.as_ptr()) }
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    let at = COLUMNS.map(|name| columns.iter().position(|c| c == name).expect("an audit column"));
+    let at = unsafe { column_positions(descriptor, &COLUMNS) }.expect("the audit columns");
     // Columns not set here (id, processed_at) stay NULL; the INSERT names its own.
-    let mut values = vec![pg_sys::Datum::from(0); columns.len()];
-    let mut nulls = vec![true; columns.len()];
+    let natts = unsafe { (*descriptor).natts } as usize;
+    let mut values = vec![pg_sys::Datum::from(0); natts];
+    let mut nulls = vec![true; natts];
     let (types, mut buffers) = (ElementTypes::new(), sql::ArrayBuffers::default());
     let mut elements = Vec::with_capacity(batch.len());
     for rows in batch {

@@ -321,7 +321,7 @@ pub struct Clock {
 
 impl Clock {
     /// Refuses a timestamp past now by more than the tolerance.
-    pub fn not_future(&self, t: Timestamp) -> Result<(), Rejection> {
+    fn not_future(&self, t: Timestamp) -> Result<(), Rejection> {
         let limit = self.now.checked_add(self.future_tolerance).unwrap_or(Timestamp::MAX);
         if t > limit {
             return Err(Rejection::FutureTimestamp { timestamp: t, limit });
