@@ -249,22 +249,15 @@ thread_local! {
 /// sessions settled by reading the outbox. Remembered once true, for this
 /// installation of the extension (dropped and created again, it is asked again).
 pub fn has_last_flush_id() -> Result<bool> {
-    // SAFETY: a catalog lookup by name; missing_ok, so no ERROR.
-    let extension = unsafe { pg_sys::get_extension_oid(c"meter_ext".as_ptr(), true) };
-    if extension != pg_sys::InvalidOid && HAS_LAST_FLUSH_ID.get() == extension {
-        return Ok(true);
-    }
-    let has = sql::one::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute
-                         WHERE attrelid = 'meter.sessions'::pg_catalog.regclass
-                           AND attname = 'last_flush_id' AND NOT attisdropped)",
-        &[],
-    )?
-    .unwrap_or(false);
-    if has {
-        HAS_LAST_FLUSH_ID.set(extension);
-    }
-    Ok(has)
+    sql::true_for_installation(&HAS_LAST_FLUSH_ID, || {
+        Ok(sql::one::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                             WHERE attrelid = 'meter.sessions'::pg_catalog.regclass
+                               AND attname = 'last_flush_id' AND NOT attisdropped)",
+            &[],
+        )?
+        .unwrap_or(false))
+    })
 }
 
 pub fn set_inbox_position(id: i64, position: i64) -> Result<()> {

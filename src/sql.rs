@@ -220,6 +220,25 @@ pub fn strings(query: &str, args: &[DatumWithOid]) -> Result<Vec<String>> {
     })
 }
 
+/// Whether `check` holds for this database's installation of meter_ext (a
+/// schema object of a later version, say), remembered in `seen` once true: for
+/// that installation only, so one dropped and created again is asked again.
+pub fn true_for_installation(
+    seen: &'static std::thread::LocalKey<std::cell::Cell<Oid>>,
+    check: impl FnOnce() -> Result<bool>,
+) -> Result<bool> {
+    // SAFETY: a catalog lookup by name; missing_ok, so no ERROR.
+    let extension = unsafe { pg_sys::get_extension_oid(c"meter_ext".as_ptr(), true) };
+    if extension != pg_sys::InvalidOid && seen.get() == extension {
+        return Ok(true);
+    }
+    let holds = check()?;
+    if holds {
+        seen.set(extension);
+    }
+    Ok(holds)
+}
+
 /// No SQL is built from user strings: every `format!` that makes a statement
 /// interpolates only constants (UPPER_CASE) or names listed here with the reason
 /// they are safe. User values travel as `$n` arguments, or through PostgreSQL's own
