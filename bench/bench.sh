@@ -96,7 +96,7 @@ fill_inbox_single() { sql "INSERT INTO meter.usage (stream, record) SELECT 'benc
 reset_meters() {
     sql "UPDATE meter.meters SET value = CASE WHEN aggregation = 'max' THEN NULL ELSE 0 END, groups = '[]',
                carry_first = '{}', carry_last = '{}', record_count = 0, first_record_at = NULL, last_record_at = NULL;
-         TRUNCATE meter.dedupe_keys, meter.usage_audit_batches, meter.rejected" >/dev/null
+         TRUNCATE meter.dedupe_keys, meter.dedupe_ranges, meter.usage_audit_batches, meter.rejected" >/dev/null
     vacuum meter.meters
 }
 reset_baseline() {
@@ -371,7 +371,7 @@ if [ "$MEM_RECORDS" -gt 0 ]; then
           GROUP BY 1" >/dev/null
     for chunk in 1000 ${MEM_CHUNK:-20000}; do
         say "peak memory of a $MEM_RECORDS-record run, chunk_size $chunk"
-        sql "TRUNCATE meter.dedupe_keys, meter.usage_audit_batches" >/dev/null
+        sql "TRUNCATE meter.dedupe_keys, meter.dedupe_ranges, meter.usage_audit_batches" >/dev/null
         sql "INSERT INTO meter.usage (stream, record) SELECT 'bench', batch FROM bench.big_batches ORDER BY n" >/dev/null
         vacuum meter.usage
         PGAPPNAME=meter_bench_memory "${PSQL[@]}" -d bench >/dev/null <<SQL &

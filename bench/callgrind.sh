@@ -40,7 +40,7 @@ flush)
 batch)
     sql -c "UPDATE meter.meters SET value = CASE WHEN aggregation = 'max' THEN NULL ELSE 0 END, groups = '[]',
                    carry_first = '{}', carry_last = '{}', record_count = 0, first_record_at = NULL, last_record_at = NULL" \
-        -c "TRUNCATE meter.dedupe_keys, meter.usage_audit_batches, meter.rejected, meter.usage" \
+        -c "TRUNCATE meter.dedupe_keys, meter.dedupe_ranges, meter.usage_audit_batches, meter.rejected, meter.usage" \
         -c "SELECT meter.alter_stream('bench', audit => true)" \
         -c "INSERT INTO meter.usage (stream, record) SELECT 'bench', record FROM bench.records WHERE i <= $size ORDER BY i"
     statement="SELECT status FROM meter.run_stream('bench')"

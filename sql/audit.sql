@@ -35,13 +35,23 @@ BEGIN ATOMIC
      ORDER BY m.id;
 END;
 
--- Where a record went: its audit row(s), found through the id it was deduplicated by.
+-- Where a record went: its audit row(s), found through the id it was deduplicated
+-- by (its newest claim: a row of meter.dedupe_keys, or its place in a range).
 CREATE FUNCTION meter.audit_of(stream text, record_id text) RETURNS SETOF meter.usage_audit
 LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT a.*
       FROM meter.streams s
-      JOIN meter.dedupe_keys k ON k.stream_id = s.id AND k.record_id = audit_of.record_id
+     CROSS JOIN LATERAL (
+           SELECT c.meter_id
+             FROM (SELECT k.meter_id, k.seen_at FROM meter.dedupe_keys k
+                    WHERE k.stream_id = s.id AND k.record_id = audit_of.record_id
+                   UNION ALL
+                   SELECT r.meter_ids[p.n], r.seen_at FROM meter.dedupe_ranges r
+                    CROSS JOIN LATERAL pg_catalog.array_position(r.record_ids, audit_of.record_id) AS p(n)
+                    WHERE r.stream_id = s.id AND r.last_id >= audit_of.record_id
+                      AND r.first_id <= audit_of.record_id AND p.n IS NOT NULL) c
+            ORDER BY c.seen_at DESC LIMIT 1) k
       JOIN meter.usage_audit a ON a.meter_id = k.meter_id AND a.stream_id = s.id AND a.record_id = audit_of.record_id
      WHERE s.name = audit_of.stream;
 END;

@@ -46,6 +46,40 @@ CREATE TABLE meter.dedupe_keys (
 -- No index on seen_at: every metered record inserts here, and meter.purge can
 -- afford a scan (expired ids sit at the start of the heap).
 
+-- Record ids a batch run claimed together, one row per run of ids: a chunk's new
+-- ids of one length, sorted, when few ids claimed before lie between its first and
+-- last (ordered ids: sequences, ULIDs, counters). An index entry per id cost a
+-- third of a run; a row per chunk costs one. Ids not claimed this way (random
+-- ids, realtime streams, small chunks) are rows of meter.dedupe_keys. An id counts
+-- as seen when either table holds it.
+CREATE TABLE meter.dedupe_ranges (
+    stream_id  bigint NOT NULL,
+    first_id   text COLLATE "C" NOT NULL,
+    last_id    text COLLATE "C" NOT NULL,
+    seen_at    timestamptz NOT NULL,
+    id_count   integer NOT NULL,          -- cardinality(record_ids), without reading them
+    record_ids text[] COLLATE "C" NOT NULL, -- sorted (byte order), distinct
+    meter_ids  bigint[] NOT NULL          -- where each record went, as in meter.dedupe_keys
+);
+CREATE INDEX dedupe_ranges_last ON meter.dedupe_ranges (stream_id, last_id);
+DO $$
+BEGIN
+    ALTER TABLE meter.dedupe_ranges ALTER COLUMN record_ids SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;  -- a server built without lz4 keeps pglz
+END
+$$;
+-- Every record id a stream metered, whichever table holds it.
+CREATE VIEW meter.metered_ids AS
+SELECT k.stream_id, k.record_id, k.seen_at, k.meter_id
+  FROM meter.dedupe_keys k
+ UNION ALL
+SELECT r.stream_id, c.record_id, r.seen_at, c.meter_id
+  FROM meter.dedupe_ranges r
+ CROSS JOIN LATERAL unnest(r.record_ids, r.meter_ids) AS c(record_id, meter_id);
+COMMENT ON VIEW meter.metered_ids IS
+    'Record ids metered per stream (meter.dedupe_keys and the ranges of meter.dedupe_ranges), with when and into which meter.';
+
 -- Records that could not be metered, with the reason: never dropped. Fix the
 -- record (UPDATE ... SET record) and send it back with meter.reprocess_rejected.
 CREATE TABLE meter.rejected (

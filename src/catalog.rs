@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 
 use crate::aggregate::Aggregation;
 use crate::convert::{to_timestamp, to_timestamptz, transaction_now};
+use crate::dedupe;
 use crate::errors::{MeterError, Result};
 use crate::locks::{self, id_key_sql, Settings, ID_KEY_SQL};
 use crate::record::FieldMap;
@@ -511,9 +512,15 @@ pub fn alter_stream(name: &str, change: impl FnOnce(&mut StreamSpec)) -> Result<
             audit: row.get::<bool>(11)?.unwrap(),
         })
     })?;
+    let was_realtime = spec.mode == "realtime";
     change(&mut spec);
     spec.validate()?;
     check_meter_key_free(&spec.meter_key, Some(id))?;
+    if spec.mode == "realtime" && !was_realtime && dedupe::ranges_exist()? {
+        // Realtime transactions claim ids concurrently, through the unique index:
+        // the ids batch runs claimed as ranges become rows it holds.
+        dedupe::ranges_to_keys(id, None)?;
+    }
     let mut args = spec_args(&spec);
     args.push(id.into());
     sql::execute(
@@ -551,6 +558,9 @@ pub fn drop_stream(name: &str, cascade: bool) -> Result<()> {
     .expect("format() returns text");
     Spi::run(&ddl)?;
     sql::execute("DELETE FROM meter.dedupe_keys WHERE stream_id = $1", &[id.into()])?;
+    if dedupe::ranges_exist()? {
+        sql::execute("DELETE FROM meter.dedupe_ranges WHERE stream_id = $1", &[id.into()])?;
+    }
     sql::execute("DELETE FROM meter.streams WHERE id = $1", &[id.into()])?;
     Ok(())
 }

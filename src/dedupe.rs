@@ -11,6 +11,10 @@
 //! (random ids such as UUIDs), the scan stops there and the ids are looked up one
 //! by one.
 
+//!
+//! Ids a batch run claims in ordered runs are kept as ranges instead
+//! (`meter.dedupe_ranges`): a row per run of ids, found by its first and last id.
+//! An id counts as seen when either table holds it.
 use crate::errors::Result;
 use crate::sql;
 use pgrx::datum::DatumWithOid;
@@ -35,12 +39,15 @@ pub fn bounds<'a>(ids: impl IntoIterator<Item = &'a str>) -> Option<(&'a str, &'
 /// Which of `ids` (distinct) `stream_id` metered at or after `forget_before`,
 /// checked a chunk of ids at a time (see `known_among`), each chunk's arguments
 /// freed after it: a single query with every id of a large array costs far more
-/// memory.
+/// memory. Then the ids in ranges: all of them, or (`ranges_within_budget`, for
+/// `ingest`, whose count the run makes again) those of runs whose ranges are
+/// within a lookup's budget.
 pub fn metered_among(
     stream_id: i64,
     ids: &[String],
     forget_before: TimestampWithTimeZone,
     chunk_len: usize,
+    ranges_within_budget: bool,
 ) -> Result<Vec<String>> {
     let mut metered = Vec::new();
     for chunk in ids.chunks(chunk_len.max(1)) {
@@ -48,6 +55,27 @@ pub fn metered_among(
         metered.extend(sql::in_chunk_context(|| {
             known_among(stream_id, &chunk, || chunk.clone().into(), forget_before)
         })?);
+    }
+    if ranges_exist()? {
+        let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut in_ranges_found: HashSet<String> = HashSet::default();
+        for run in same_length_runs(&mut ids, |id| id) {
+            for part in run.chunks(chunk_len.max(1)) {
+                if let InRanges::Found(found) =
+                    sql::in_chunk_context(|| in_ranges(stream_id, part, forget_before, ranges_within_budget))?
+                {
+                    in_ranges_found.extend(found);
+                }
+            }
+        }
+        if !in_ranges_found.is_empty() {
+            let per_id: HashSet<&str> = metered.iter().map(String::as_str).collect();
+            let more: Vec<String> = in_ranges_found
+                .into_iter()
+                .filter(|id| !per_id.contains(id.as_str()))
+                .collect();
+            metered.extend(more);
+        }
     }
     Ok(metered)
 }
@@ -129,9 +157,198 @@ fn each_known(stream_id: i64, ids: DatumWithOid<'_>, since: TimestampWithTimeZon
     })
 }
 
+/// A run of ids becomes a range from this many ids on; fewer are claimed one by one.
+pub const RANGE_MIN_IDS: usize = 64;
+/// A run becomes a range only while the ranges it overlaps hold at most this many
+/// ids per id of it: a lookup reads every id of the ranges it overlaps, so ranges
+/// of random ids (each overlapping all others) stop at a few.
+const RANGE_OVERLAP_PER_ID: usize = 2;
+/// A lookup reads the ranges it overlaps while they hold at most this many ids
+/// per id looked up (counting at least `RANGE_MIN_IDS`). Past that (random ids
+/// after ordered ones, say), a run turns those ranges into rows of
+/// `meter.dedupe_keys`, once, and looks its ids up there.
+const RANGE_READ_PER_ID: usize = 4;
+
+/// `items` sorted by the length of their `id`, then by `id` (byte order), and
+/// cut into runs of one length. Ids of one length sort as their numbers do
+/// (counters, sequences), so a run's first and last id are close: the ids
+/// "r90001" … "r100000" span from "r100000" to "r99999", past every id to come
+/// from "r100001" to "r999999"; as runs "r90001" … "r99999" and "r100000", little.
+pub fn same_length_runs<'s, T>(items: &'s mut [T], id: impl Fn(&T) -> &str + 's) -> impl Iterator<Item = &'s [T]> {
+    items.sort_unstable_by(|a, b| (id(a).len(), id(a)).cmp(&(id(b).len(), id(b))));
+    let items: &'s [T] = items;
+    items.chunk_by(move |a, b| id(a).len() == id(b).len())
+}
+
+thread_local! {
+    /// The extension (its oid) whose schema was seen to have `meter.dedupe_ranges`.
+    static HAS_RANGES: std::cell::Cell<pg_sys::Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
+}
+
+/// Whether this database has `meter.dedupe_ranges` (0.2.0 on; a 0.1.0 schema keeps
+/// every id a row). Remembered once true, for this installation: realtime calls
+/// ask on every call.
+pub fn ranges_exist() -> Result<bool> {
+    sql::true_for_installation(&HAS_RANGES, || {
+        Ok(sql::one::<bool>("SELECT pg_catalog.to_regclass('meter.dedupe_ranges') IS NOT NULL", &[])?.unwrap_or(false))
+    })
+}
+
+/// How many ids the stream's ranges overlapping `first..=last` hold, counted up
+/// to just past `most`.
+fn ids_in_overlapping(stream_id: i64, first: &str, last: &str, most: usize) -> Result<usize> {
+    let held = sql::one::<i64>(
+        "SELECT coalesce(sum(id_count), 0)::bigint FROM (
+             SELECT id_count FROM meter.dedupe_ranges
+              WHERE stream_id = $1 AND last_id >= $2 AND first_id <= $3
+              ORDER BY last_id LIMIT $4) r",
+        &[stream_id.into(), first.into(), last.into(), (most as i64 + 1).into()],
+    )?;
+    Ok(held.unwrap_or(0) as usize)
+}
+
+/// How many ids a lookup of `ids` may read in ranges.
+fn read_budget(ids: usize) -> usize {
+    ids.max(RANGE_MIN_IDS) * RANGE_READ_PER_ID
+}
+
+/// What the ranges say of a run of ids.
+#[derive(Debug, PartialEq)]
+pub enum InRanges {
+    /// The ids of the run held by ranges seen at or after the time asked.
+    Found(Vec<String>),
+    /// The ranges the run overlaps hold more ids than the lookup may read.
+    TooMany,
+}
+
+/// Which of `run` (sorted, distinct) the stream's ranges seen at or after `since`
+/// hold; `TooMany` when the ranges the run overlaps hold more than its budget
+/// (`RANGE_READ_PER_ID` per id) and `within_budget` is set.
+pub fn in_ranges(stream_id: i64, run: &[&str], since: TimestampWithTimeZone, within_budget: bool) -> Result<InRanges> {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return Ok(InRanges::Found(Vec::new()));
+    };
+    let budget = read_budget(run.len());
+    let held = ids_in_overlapping(stream_id, first, last, budget)?;
+    if held == 0 {
+        return Ok(InRanges::Found(Vec::new()));
+    }
+    if within_budget && held > budget {
+        return Ok(InRanges::TooMany);
+    }
+    let wanted: HashSet<&str> = run.iter().copied().collect();
+    let mut found = Vec::new();
+    sql::for_each_row(
+        "SELECT record_ids FROM meter.dedupe_ranges
+          WHERE stream_id = $1 AND last_id >= $2 AND first_id <= $3 AND seen_at >= $4",
+        &[stream_id.into(), (*first).into(), (*last).into(), since.into()],
+        |values, nulls| {
+            // SAFETY: a text[] column of the row just read.
+            let ids = unsafe { pgrx::Array::<&str>::from_datum(values[0], nulls[0]) };
+            for id in ids.iter().flat_map(|ids| ids.iter().flatten()) {
+                if id >= *first && id <= *last && wanted.contains(id) {
+                    found.push(id.to_string());
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok(InRanges::Found(found))
+}
+
+/// Turns the stream's ranges overlapping `first..=last` (every range when `None`)
+/// into rows of `meter.dedupe_keys`, each id with its newest claim.
+pub fn ranges_to_keys(stream_id: i64, span: Option<(&str, &str)>) -> Result<usize> {
+    let (first, last) = span.map_or((None, None), |(first, last)| (Some(first), Some(last)));
+    sql::execute(
+        "WITH gone AS (
+             DELETE FROM meter.dedupe_ranges
+              WHERE stream_id = $1 AND ($2::text IS NULL OR (last_id >= $2 AND first_id <= $3))
+             RETURNING seen_at, record_ids, meter_ids)
+         INSERT INTO meter.dedupe_keys AS k (stream_id, record_id, seen_at, meter_id)
+         SELECT DISTINCT ON (c.id) $1, c.id, g.seen_at, c.meter
+           FROM gone g CROSS JOIN LATERAL unnest(g.record_ids, g.meter_ids) AS c(id, meter)
+          ORDER BY c.id, g.seen_at DESC
+         ON CONFLICT (stream_id, record_id) DO UPDATE SET seen_at = EXCLUDED.seen_at, meter_id = EXCLUDED.meter_id
+          WHERE k.seen_at < EXCLUDED.seen_at",
+        &[stream_id.into(), first.into(), last.into()],
+    )
+}
+
+/// Whether `run` (sorted, distinct, new to the stream) may be claimed as one
+/// range: long enough, and overlapping ranges that hold few ids.
+pub fn may_claim_as_range(stream_id: i64, run: &[&str]) -> Result<bool> {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return Ok(false);
+    };
+    if run.len() < RANGE_MIN_IDS {
+        return Ok(false);
+    }
+    let most = run.len() * RANGE_OVERLAP_PER_ID;
+    Ok(ids_in_overlapping(stream_id, first, last, most)? <= most)
+}
+
+/// Claims `run` (sorted, distinct, new to the stream) as one range, `at` the time
+/// given, each id's record gone to its meter in `meter_ids`.
+pub fn claim_range(stream_id: i64, run: &[&str], meter_ids: Vec<Option<i64>>, at: TimestampWithTimeZone) -> Result<()> {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return Ok(());
+    };
+    let record_ids = sql::text_array(run.iter().map(|id| Some(*id)));
+    sql::execute(
+        "INSERT INTO meter.dedupe_ranges (stream_id, first_id, last_id, seen_at, id_count, record_ids, meter_ids)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            stream_id.into(),
+            (*first).into(),
+            (*last).into(),
+            at.into(),
+            (run.len() as i32).into(),
+            // SAFETY: a text[] built just now in the current memory context.
+            unsafe { DatumWithOid::new(record_ids, pg_sys::TEXTARRAYOID) },
+            meter_ids.into(),
+        ],
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::bounds;
+    use super::{bounds, same_length_runs};
+    use proptest::prelude::*;
+
+    #[test]
+    fn runs_are_ids_of_one_length_in_byte_order() {
+        let mut ids = ["r100000", "r99999", "r90001", "r9", "r100001", "r10", "r99"];
+        let runs: Vec<Vec<&str>> = same_length_runs(&mut ids, |id| id).map(<[&str]>::to_vec).collect();
+        assert_eq!(
+            runs,
+            [
+                vec!["r9"],
+                vec!["r10", "r99"],
+                vec!["r90001", "r99999"],
+                vec!["r100000", "r100001"]
+            ]
+        );
+        assert_eq!(same_length_runs(&mut [] as &mut [&str], |id| id).count(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn runs_hold_every_id_once_grouped_by_length(ids in proptest::collection::vec("[a-c0-9]{0,4}", 0..40)) {
+            let mut sorted: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let runs: Vec<Vec<&str>> = same_length_runs(&mut sorted, |id| id).map(<[&str]>::to_vec).collect();
+            let mut all: Vec<&str> = runs.concat();
+            let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+            all.sort_unstable();
+            expected.sort_unstable();
+            prop_assert_eq!(all, expected);
+            for run in &runs {
+                prop_assert!(run.windows(2).all(|w| w[0].len() == w[1].len() && w[0] <= w[1]));
+            }
+            prop_assert!(runs.windows(2).all(|w| w[0][0].len() < w[1][0].len()));
+        }
+    }
 
     #[test]
     fn bounds_are_byte_order_extremes() {

@@ -182,7 +182,7 @@ pub fn queue(stream: &Stream, batch: &Batch) -> Result<Ingested> {
     let repeated = (with_repeats - ids.len()) as i64;
     let already_metered = if gucs::ingest_checks_metered_ids() {
         let forget_before = to_timestamptz(clock.now - gucs::dedupe_retention());
-        dedupe::metered_among(stream.id, &ids, forget_before, gucs::chunk_len())?.len() as i64
+        dedupe::metered_among(stream.id, &ids, forget_before, gucs::chunk_len(), true)?.len() as i64
     } else {
         // Left to the run, which counts them all the same.
         0

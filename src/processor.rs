@@ -21,9 +21,9 @@ use serde_json::{Map, Value};
 use crate::aggregate::{Aggregation, Contribution, GroupRef, GroupState, MeterState, SeenValues, Usage};
 use crate::append::Appender;
 use crate::audit::{AuditRows, AuditedRecord};
-use crate::catalog::{self, MeterTypeSettings, NewMeter, Stream};
+use crate::catalog::{self, MeterTypeSettings, NewMeter, Stream, StreamMode};
 use crate::convert::{to_timestamp, to_timestamptz};
-use crate::dedupe;
+use crate::dedupe::{self, InRanges};
 use crate::errors::Result;
 use crate::gucs;
 use crate::locks;
@@ -298,6 +298,12 @@ pub struct Processor<'s> {
     /// This transaction holds the stream's run lock (`locks::stream`): no other
     /// transaction claims this stream's record ids meanwhile.
     holds_stream: bool,
+    /// The database has `meter.dedupe_ranges` (0.2.0 on): ids are looked up there too.
+    ranges_exist: bool,
+    /// Holding the stream, of a batch stream: ids claimed in ordered runs are
+    /// claimed as ranges (`dedupe::claim_range`). A realtime stream's transactions
+    /// claim ids concurrently, through the unique index of `meter.dedupe_keys`.
+    claims_ranges: bool,
     /// Audit rows not written yet (a one-transaction run batches them per meter).
     audit: AuditRows,
     /// Simulate only: record ids a real run would have claimed by now.
@@ -329,6 +335,8 @@ impl<'s> Processor<'s> {
             meters: Meters::default(),
             keep_meters: mode == Mode::Simulate,
             holds_stream: false,
+            ranges_exist: dedupe::ranges_exist()?,
+            claims_ranges: false,
             audit: AuditRows::default(),
             simulated_claims: HashSet::default(),
             simulated_seen: HashSet::default(),
@@ -360,6 +368,7 @@ impl<'s> Processor<'s> {
     pub fn holding_stream(mut self) -> Result<Self> {
         locks::stream(self.stream.id, true)?;
         self.holds_stream = true;
+        self.claims_ranges = self.ranges_exist && self.stream.mode == StreamMode::Batch;
         Ok(self)
     }
 
@@ -762,6 +771,10 @@ impl<'s> Processor<'s> {
         let seen_before: HashSet<String> = match self.mode {
             Mode::Apply if self.holds_stream => self.claim_holding_stream(&claiming, now, forget_before)?,
             Mode::Apply => {
+                // Ids in ranges (a stream that ran in batch mode before) are not
+                // claimed again: they stay out of the upsert, and count as seen.
+                let in_ranges = self.in_fresh_ranges(&claiming, forget_before, false)?;
+                claiming.retain(|t| t.record_id.is_none_or(|id| !in_ranges.contains(id)));
                 let claimed: HashSet<String> = self
                     .upsert_record_ids(&claiming, now, forget_before)?
                     .into_iter()
@@ -778,7 +791,7 @@ impl<'s> Processor<'s> {
                     .filter_map(|t| t.record_id.map(str::to_string))
                     .collect();
                 let known: HashSet<String> =
-                    dedupe::metered_among(self.stream.id, &ids, forget_before, gucs::chunk_len())?
+                    dedupe::metered_among(self.stream.id, &ids, forget_before, gucs::chunk_len(), false)?
                         .into_iter()
                         .collect();
                 ids.into_iter()
@@ -794,21 +807,55 @@ impl<'s> Processor<'s> {
         Ok(duplicates)
     }
 
+    /// The ids of `claiming` that ranges seen at or after
+    /// `forget_before` hold. With `turn_crowded_into_keys` (holding the stream), a
+    /// run of ids whose ranges hold more than a lookup may read has those ranges
+    /// turned into rows of `meter.dedupe_keys` instead, where the per-id lookup
+    /// finds them.
+    fn in_fresh_ranges(
+        &self,
+        claiming: &[&Taken],
+        forget_before: TimestampWithTimeZone,
+        turn_crowded_into_keys: bool,
+    ) -> Result<HashSet<String>> {
+        let mut found = HashSet::default();
+        if !self.ranges_exist {
+            return Ok(found);
+        }
+        let mut ids: Vec<&str> = claiming.iter().filter_map(|t| t.record_id).collect();
+        for run in dedupe::same_length_runs(&mut ids, |id| id) {
+            match dedupe::in_ranges(self.stream.id, run, forget_before, turn_crowded_into_keys)? {
+                InRanges::Found(ids) => found.extend(ids),
+                InRanges::TooMany => {
+                    dedupe::ranges_to_keys(self.stream.id, Some((run[0], run[run.len() - 1])))?;
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Claims ids while this transaction holds the stream's run lock: nobody else
     /// claims them meanwhile, so the ids not found are inserted plainly and cannot
     /// conflict (if one did, the run would fail and roll back, losing nothing).
     /// Returns the ids seen before and still within the retention.
     ///
-    /// The probe (`dedupe::known_among`) reads the stream's ids within the chunk's
-    /// range, or looks each id up when that range holds many, and returns only the
-    /// ids found, usually none. Probe and plain insert cost less than ON CONFLICT's lookups,
-    /// and returning every claimed id cost a string per record.
+    /// Ids held by ranges seen within the retention are seen; the others are
+    /// probed (`dedupe::known_among`), which reads the stream's ids within the
+    /// chunk's range, or looks each id up when that range holds many, and returns
+    /// only the ids found, usually none. Probe and plain insert cost less than ON
+    /// CONFLICT's lookups, and returning every claimed id cost a string per record.
     fn claim_holding_stream(
         &self,
         claiming: &[&Taken],
         now: TimestampWithTimeZone,
         forget_before: TimestampWithTimeZone,
     ) -> Result<HashSet<String>> {
+        let in_ranges = self.in_fresh_ranges(claiming, forget_before, true)?;
+        let claiming: Vec<&Taken> = claiming
+            .iter()
+            .copied()
+            .filter(|t| t.record_id.is_none_or(|id| !in_ranges.contains(id)))
+            .collect();
         let claimed_ids: Vec<&str> = claiming.iter().filter_map(|t| t.record_id).collect();
         // Every id seen, expired ones included: those are claimed again by upsert.
         let known: HashSet<String> = dedupe::known_among(
@@ -821,8 +868,8 @@ impl<'s> Processor<'s> {
         .collect();
         if known.is_empty() {
             // The usual case: every id is new.
-            self.insert_claims(claiming, now)?;
-            return Ok(known);
+            self.insert_claims(&claiming, now)?;
+            return Ok(in_ranges);
         }
         let (seen, new): (Vec<&Taken>, Vec<&Taken>) = claiming
             .iter()
@@ -830,13 +877,36 @@ impl<'s> Processor<'s> {
         self.insert_claims(&new, now)?;
         // Ids seen before: those past the retention count again.
         let renewed: HashSet<String> = self.upsert_record_ids(&seen, now, forget_before)?.into_iter().collect();
-        Ok(known.into_iter().filter(|id| !renewed.contains(id)).collect())
+        Ok(known
+            .into_iter()
+            .filter(|id| !renewed.contains(id))
+            .chain(in_ranges)
+            .collect())
     }
 
-    /// Inserts the claims of ids the stream never saw, `at` the time given: appended
-    /// as COPY appends rows (`Appender`), or by an INSERT where the table has
-    /// triggers or row security.
+    /// Inserts the claims of ids the stream never saw, `at` the time given: each run of ordered ids as a range where `claims_ranges` allows
+    /// (`dedupe::may_claim_as_range`), the rest as rows (`insert_claim_rows`).
     fn insert_claims(&self, new: &[&Taken], at: TimestampWithTimeZone) -> Result<()> {
+        if !self.claims_ranges {
+            return self.insert_claim_rows(new, at);
+        }
+        let (mut new, mut rows) = (new.to_vec(), Vec::new());
+        for run in dedupe::same_length_runs(&mut new, |t| t.record_id.unwrap_or_default()) {
+            let ids: Vec<&str> = run.iter().filter_map(|t| t.record_id).collect();
+            if ids.len() == run.len() && dedupe::may_claim_as_range(self.stream.id, &ids)? {
+                let meters = run.iter().map(|t| self.claimed_meter(t)).collect();
+                dedupe::claim_range(self.stream.id, &ids, meters, at)?;
+            } else {
+                rows.extend_from_slice(run);
+            }
+        }
+        self.insert_claim_rows(&rows, at)
+    }
+
+    /// Inserts claims as rows of `meter.dedupe_keys`: appended as COPY appends
+    /// rows (`Appender`), or by an INSERT where the table has triggers or row
+    /// security.
+    fn insert_claim_rows(&self, new: &[&Taken], at: TimestampWithTimeZone) -> Result<()> {
         if new.is_empty() {
             return Ok(());
         }

@@ -5,6 +5,7 @@
 
 use pgrx::datum::Interval;
 
+use crate::dedupe;
 use crate::errors::{MeterError, Result};
 use crate::gucs;
 use crate::sql;
@@ -65,7 +66,36 @@ pub fn purge(older_than: Interval, batch_size: i64) -> Result<Vec<(&'static str,
                 break;
             }
         }
+        if kind == "dedupe_keys" {
+            total += purge_ranges(retention, batch_size)?;
+        }
         purged.push((kind, total));
     }
     Ok(purged)
+}
+
+/// Deletes the ranges of record ids (`meter.dedupe_ranges`) claimed before
+/// `meter_ext.dedupe_retention` (`retention` seconds), `batch_size` ranges at a
+/// time; returns how many ids they held.
+fn purge_ranges(retention: i64, batch_size: i64) -> Result<i64> {
+    if !dedupe::ranges_exist()? {
+        return Ok(0);
+    }
+    let mut ids = 0;
+    loop {
+        let [ranges, held] = sql::one::<Vec<i64>>(
+            "WITH gone AS (
+                 DELETE FROM meter.dedupe_ranges WHERE ctid = ANY (ARRAY(
+                     SELECT ctid FROM meter.dedupe_ranges WHERE seen_at < now() - make_interval(secs => $1) LIMIT $2))
+                 RETURNING id_count)
+             SELECT ARRAY[count(*), coalesce(sum(id_count), 0)]::bigint[] FROM gone",
+            &[(retention as f64).into(), batch_size.into()],
+        )?
+        .and_then(|counts| <[i64; 2]>::try_from(counts).ok())
+        .expect("an aggregate returns one row of two counts");
+        ids += held;
+        if ranges < batch_size {
+            return Ok(ids);
+        }
+    }
 }

@@ -7,6 +7,9 @@
 --     and the record column is lz4-compressed. Pending counts sum it.
 --   * meter.sessions.last_flush_id: the newest flushId of a run's records, which
 --     settles a session waiting for its consumers.
+--   * meter.dedupe_ranges: record ids a batch run claimed together, a row per run
+--     of ordered ids; meter.audit_of finds a record through either table, and the
+--     view meter.metered_ids lists the ids of both.
 -- tests/integration/upgrade.rs checks that an updated database has exactly the
 -- schema of a fresh 0.2.0 install.
 \echo Use "ALTER EXTENSION meter_ext UPDATE TO '0.2.0'" to load this file. \quit
@@ -127,3 +130,63 @@ SELECT s.id AS session_id,
 DROP INDEX meter.meters_type;
 DROP INDEX meter.flushed_session;
 CREATE INDEX flushed_session ON meter.flushed USING brin (session_id);
+
+-- Record ids a batch run claimed together, one row per run of ids: a chunk's new
+-- ids of one length, sorted, when few ids claimed before lie between its first and
+-- last (ordered ids: sequences, ULIDs, counters). An index entry per id cost a
+-- third of a run; a row per chunk costs one. Ids not claimed this way (random
+-- ids, realtime streams, small chunks) are rows of meter.dedupe_keys. An id counts
+-- as seen when either table holds it.
+CREATE TABLE meter.dedupe_ranges (
+    stream_id  bigint NOT NULL,
+    first_id   text COLLATE "C" NOT NULL,
+    last_id    text COLLATE "C" NOT NULL,
+    seen_at    timestamptz NOT NULL,
+    id_count   integer NOT NULL,          -- cardinality(record_ids), without reading them
+    record_ids text[] COLLATE "C" NOT NULL, -- sorted (byte order), distinct
+    meter_ids  bigint[] NOT NULL          -- where each record went, as in meter.dedupe_keys
+);
+CREATE INDEX dedupe_ranges_last ON meter.dedupe_ranges (stream_id, last_id);
+DO $$
+BEGIN
+    ALTER TABLE meter.dedupe_ranges ALTER COLUMN record_ids SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;  -- a server built without lz4 keeps pglz
+END
+$$;
+SELECT pg_catalog.pg_extension_config_dump('meter.dedupe_ranges', '');
+REVOKE ALL ON meter.dedupe_ranges FROM PUBLIC;
+GRANT SELECT ON meter.dedupe_ranges TO meter_reader;
+-- Every record id a stream metered, whichever table holds it.
+CREATE VIEW meter.metered_ids AS
+SELECT k.stream_id, k.record_id, k.seen_at, k.meter_id
+  FROM meter.dedupe_keys k
+ UNION ALL
+SELECT r.stream_id, c.record_id, r.seen_at, c.meter_id
+  FROM meter.dedupe_ranges r
+ CROSS JOIN LATERAL unnest(r.record_ids, r.meter_ids) AS c(record_id, meter_id);
+COMMENT ON VIEW meter.metered_ids IS
+    'Record ids metered per stream (meter.dedupe_keys and the ranges of meter.dedupe_ranges), with when and into which meter.';
+REVOKE ALL ON meter.metered_ids FROM PUBLIC;
+GRANT SELECT ON meter.metered_ids TO meter_reader;
+
+-- Where a record went: its audit row(s), found through the id it was deduplicated
+-- by (its newest claim: a row of meter.dedupe_keys, or its place in a range).
+CREATE OR REPLACE FUNCTION meter.audit_of(stream text, record_id text) RETURNS SETOF meter.usage_audit
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT a.*
+      FROM meter.streams s
+     CROSS JOIN LATERAL (
+           SELECT c.meter_id
+             FROM (SELECT k.meter_id, k.seen_at FROM meter.dedupe_keys k
+                    WHERE k.stream_id = s.id AND k.record_id = audit_of.record_id
+                   UNION ALL
+                   SELECT r.meter_ids[p.n], r.seen_at FROM meter.dedupe_ranges r
+                    CROSS JOIN LATERAL pg_catalog.array_position(r.record_ids, audit_of.record_id) AS p(n)
+                    WHERE r.stream_id = s.id AND r.last_id >= audit_of.record_id
+                      AND r.first_id <= audit_of.record_id AND p.n IS NOT NULL) c
+            ORDER BY c.seen_at DESC LIMIT 1) k
+      JOIN meter.usage_audit a ON a.meter_id = k.meter_id AND a.stream_id = s.id AND a.record_id = audit_of.record_id
+     WHERE s.name = audit_of.stream;
+END;

@@ -716,6 +716,174 @@ mod tests {
         assert_eq!(sql_i64("SELECT count(*) FROM meter.dedupe_keys"), 3);
     }
 
+    /// Ingests a record of user `u` for each id `ids` (an SQL set of text) gives;
+    /// returns (accepted, duplicates, rejected).
+    fn ingest_ids(ids: &str) -> (i64, i64, i64) {
+        let row = Spi::get_three::<i64, i64, i64>(&format!(
+            "SELECT accepted, duplicates, rejected FROM meter.ingest('s',
+                 (SELECT jsonb_agg(jsonb_build_object('userId', 'u', 'id', id, 'value', 1)) FROM ({ids}) AS ids(id)))"
+        ))
+        .unwrap();
+        (row.0.unwrap(), row.1.unwrap(), row.2.unwrap())
+    }
+
+    /// The stream's ranges as (first_id, last_id, id_count), and its rows of ids.
+    fn claims() -> (serde_json::Value, i64) {
+        (
+            rows("SELECT first_id, last_id, id_count FROM meter.dedupe_ranges ORDER BY first_id, seen_at"),
+            sql_i64("SELECT count(*) FROM meter.dedupe_keys"),
+        )
+    }
+
+    #[pg_test]
+    fn ordered_ids_are_claimed_as_ranges_and_count_once_whichever_way_they_return() {
+        dedupe_stream();
+        // r1 … r150: runs of one length each, r10 … r99 long enough for a range.
+        let ids = "SELECT 'r' || i FROM generate_series(1, 150) i";
+        assert_eq!(ingest_ids(ids), (150, 0, 0));
+        assert_eq!(process("s"), counts(150, 0, 0));
+        assert_eq!(
+            claims(),
+            (json!([{"first_id": "r10", "last_id": "r99", "id_count": 90}]), 60)
+        );
+        assert_eq!(
+            sql_text(
+                "SELECT (meter_ids = array_fill((SELECT id FROM meter.meters), ARRAY[90]))::text FROM meter.dedupe_ranges"
+            )
+            .as_deref(),
+            Some("true"),
+            "each id with the meter its record went to"
+        );
+        // Sent again: ingest reports them, a preview and the run count them as seen.
+        assert_eq!(ingest_ids(ids), (0, 150, 0));
+        assert_eq!(
+            sql_text(
+                "SELECT string_agg(DISTINCT outcome, ',') FROM meter.preview('s',
+                     (SELECT jsonb_agg(jsonb_build_object('userId', 'u', 'id', 'r' || i, 'value', 1)) FROM generate_series(5, 60) i))"
+            )
+            .as_deref(),
+            Some("duplicate")
+        );
+        assert_eq!(process("s"), counts(0, 150, 0));
+        assert_eq!(value_of("u", "calls").as_deref(), Some("150"));
+        // New ids beside them: r151 … r300, a range of their own.
+        assert_eq!(
+            ingest_ids("SELECT 'r' || i FROM generate_series(140, 300) i"),
+            (150, 11, 0)
+        );
+        assert_eq!(process("s"), counts(150, 11, 0));
+        assert_eq!(
+            claims(),
+            (
+                json!([
+                    {"first_id": "r10", "last_id": "r99", "id_count": 90},
+                    {"first_id": "r151", "last_id": "r300", "id_count": 150}
+                ]),
+                60
+            )
+        );
+        // audit_of finds a record through its range as through its row.
+        for id in ["r50", "r200", "r5", "r300"] {
+            assert_eq!(
+                sql_text(&format!(
+                    "SELECT string_agg(record_id || ':' || user_id, ',') FROM meter.audit_of('s', '{id}')"
+                )),
+                Some(format!("{id}:u")),
+                "{id}"
+            );
+        }
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.audit_of('s', 'r301')"), 0);
+    }
+
+    #[pg_test]
+    fn ranged_ids_past_the_retention_count_again_and_are_purged() {
+        dedupe_stream();
+        let ids = "SELECT 'r' || i FROM generate_series(10, 99) i";
+        ingest_ids(ids);
+        process("s");
+        run("UPDATE meter.dedupe_ranges SET seen_at = now() - interval '36 days'");
+        assert_eq!(ingest_ids(ids), (90, 0, 0));
+        assert_eq!(process("s"), counts(90, 0, 0));
+        assert_eq!(value_of("u", "calls").as_deref(), Some("180"));
+        // Claimed again as a range of their own; audit_of finds the record metered
+        // twice into its meter.
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.dedupe_ranges"), 2);
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.audit_of('s', 'r42')"), 2);
+        // The expired range goes with meter.purge, its ids counted among the keys.
+        assert_eq!(
+            sql_i64("SELECT purged FROM meter.purge(interval '1 day') WHERE kind = 'dedupe_keys'"),
+            90
+        );
+        assert_eq!(
+            claims(),
+            (json!([{"first_id": "r10", "last_id": "r99", "id_count": 90}]), 0)
+        );
+        assert_eq!(process("s"), counts(0, 0, 0));
+        assert_eq!(ingest_ids(ids), (0, 90, 0));
+        // Dropping the stream drops its ranges.
+        run("SELECT meter.drop_stream('s', cascade => true)");
+        assert_eq!(claims(), (json!([]), 0));
+    }
+
+    #[pg_test]
+    fn random_ids_are_claimed_as_rows_after_a_few_ranges() {
+        dedupe_stream();
+        run("SET LOCAL meter_ext.chunk_size = 100");
+        // 600 ids in random order, each chunk's spanning nearly all of them.
+        ingest_ids("SELECT md5('x' || i) FROM generate_series(1, 600) i");
+        assert_eq!(process("s"), counts(600, 0, 0));
+        let (ranges, rows) = claims();
+        let ranges = ranges.as_array().map_or(0, Vec::len);
+        assert!((1..=3).contains(&ranges), "{ranges} ranges");
+        assert_eq!(rows, 600 - 100 * ranges as i64);
+        assert_eq!(
+            ingest_ids("SELECT md5('x' || i) FROM generate_series(1, 600) i"),
+            (0, 600, 0)
+        );
+        assert_eq!(process("s"), counts(0, 600, 0));
+    }
+
+    #[pg_test]
+    fn ranges_a_lookup_would_read_too_much_of_become_rows() {
+        dedupe_stream();
+        run("SET LOCAL meter_ext.chunk_size = 100");
+        // Ten ranges of 100 even ids each: k0000 … k0198, k0200 … k0398, …
+        ingest_ids("SELECT 'k' || lpad((2 * i)::text, 4, '0') FROM generate_series(0, 999) i");
+        assert_eq!(process("s"), counts(1000, 0, 0));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.dedupe_ranges"), 10);
+        // Odd ids across all ten, and one even: ingest would read all 1 000 ids for
+        // its 11, so it leaves the even one to the run ...
+        let across =
+            "SELECT 'k' || lpad((200 * i + 1)::text, 4, '0') FROM generate_series(0, 9) i UNION ALL SELECT 'k0000'";
+        assert_eq!(ingest_ids(across), (11, 0, 0));
+        // ... which turns the ten ranges into rows, and finds it there.
+        assert_eq!(process("s"), counts(10, 1, 0));
+        assert_eq!(claims(), (json!([]), 1010));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.audit_of('s', 'k1000')"), 1);
+        assert_eq!(ingest_ids(across), (0, 11, 0));
+        assert_eq!(value_of("u", "calls").as_deref(), Some("1010"));
+    }
+
+    #[pg_test]
+    fn ids_in_ranges_count_once_in_realtime_too() {
+        dedupe_stream();
+        ingest_ids("SELECT 'r' || i FROM generate_series(10, 99) i");
+        process("s");
+        // A range left behind (not by alter_stream, which turns them into rows):
+        // realtime ingest finds its ids all the same.
+        run("CREATE TEMP TABLE kept AS SELECT * FROM meter.dedupe_ranges");
+        run("SELECT meter.alter_stream('s', mode => 'realtime')");
+        assert_eq!(claims(), (json!([]), 90));
+        assert_eq!(
+            ingest_ids("SELECT 'r' || i FROM generate_series(90, 110) i"),
+            (11, 10, 0)
+        );
+        run("DELETE FROM meter.dedupe_keys WHERE record_id BETWEEN 'r10' AND 'r19'");
+        run("INSERT INTO meter.dedupe_ranges SELECT * FROM kept");
+        assert_eq!(ingest_ids("SELECT 'r' || i FROM generate_series(10, 19) i"), (0, 10, 0));
+        assert_eq!(value_of("u", "calls").as_deref(), Some("101"));
+    }
+
     #[pg_test]
     fn a_rejected_record_does_not_claim_its_id() {
         dedupe_stream();

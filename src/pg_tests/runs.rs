@@ -519,7 +519,7 @@ mod tests {
              UNION ALL SELECT 'usage', to_jsonb(u) FROM meter.usage u
              UNION ALL SELECT 'rejected', to_jsonb(r) FROM meter.rejected r
              UNION ALL SELECT 'audit', to_jsonb(a) FROM meter.usage_audit a
-             UNION ALL SELECT 'dedupe', to_jsonb(d) FROM meter.dedupe_keys d
+             UNION ALL SELECT 'dedupe', to_jsonb(d) FROM meter.metered_ids d
              UNION ALL SELECT 'flushed', to_jsonb(f) FROM meter.flushed f",
         )
     }

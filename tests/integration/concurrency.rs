@@ -108,7 +108,7 @@ fn writers_runs_scans_and_consumers_together_keep_exact_totals() {
     for stream in ["batch", "live"] {
         let row = db
             .query_one(
-                "SELECT count(*), coalesce(sum(value), 0)::bigint, (SELECT count(*) FROM meter.dedupe_keys k
+                "SELECT count(*), coalesce(sum(value), 0)::bigint, (SELECT count(*) FROM meter.metered_ids k
                                                                     JOIN meter.streams s ON s.id = k.stream_id
                                                                    WHERE s.name = $1)
                    FROM meter.meters m JOIN meter.streams s ON s.id = m.stream_id WHERE s.name = $1",
