@@ -61,7 +61,8 @@ CREATE TABLE meter.dedupe_ranges (
     record_ids text[] COLLATE "C" NOT NULL, -- sorted (byte order), distinct
     meter_ids  bigint[] NOT NULL          -- where each record went, as in meter.dedupe_keys
 );
-CREATE INDEX dedupe_ranges_last ON meter.dedupe_ranges (stream_id, last_id);
+-- Lookups count the ids of the ranges they overlap from the index alone.
+CREATE INDEX dedupe_ranges_last ON meter.dedupe_ranges (stream_id, last_id) INCLUDE (first_id, id_count);
 DO $$
 BEGIN
     ALTER TABLE meter.dedupe_ranges ALTER COLUMN record_ids SET COMPRESSION lz4;

@@ -157,7 +157,8 @@ fn each_known(stream_id: i64, ids: DatumWithOid<'_>, since: TimestampWithTimeZon
     })
 }
 
-/// A run of ids becomes a range from this many ids on; fewer are claimed one by one.
+/// A run of ids becomes a range from this many ids on; fewer are claimed one by
+/// one. Every range so holds at least this many.
 pub const RANGE_MIN_IDS: usize = 64;
 /// A run becomes a range only while the ranges it overlaps hold at most this many
 /// ids per id of it: a lookup reads every id of the ranges it overlaps, so ranges
@@ -195,14 +196,18 @@ pub fn ranges_exist() -> Result<bool> {
 }
 
 /// How many ids the stream's ranges overlapping `first..=last` hold, counted up
-/// to just past `most`.
+/// to past `most`: over `most / RANGE_MIN_IDS` ranges hold more than `most`.
 fn ids_in_overlapping(stream_id: i64, first: &str, last: &str, most: usize) -> Result<usize> {
     let held = sql::one::<i64>(
         "SELECT coalesce(sum(id_count), 0)::bigint FROM (
              SELECT id_count FROM meter.dedupe_ranges
-              WHERE stream_id = $1 AND last_id >= $2 AND first_id <= $3
-              ORDER BY last_id LIMIT $4) r",
-        &[stream_id.into(), first.into(), last.into(), (most as i64 + 1).into()],
+              WHERE stream_id = $1 AND last_id >= $2 AND first_id <= $3 LIMIT $4) r",
+        &[
+            stream_id.into(),
+            first.into(),
+            last.into(),
+            ((most / RANGE_MIN_IDS) as i64 + 1).into(),
+        ],
     )?;
     Ok(held.unwrap_or(0) as usize)
 }

@@ -807,11 +807,10 @@ impl<'s> Processor<'s> {
         Ok(duplicates)
     }
 
-    /// The ids of `claiming` that ranges seen at or after
-    /// `forget_before` hold. With `turn_crowded_into_keys` (holding the stream), a
-    /// run of ids whose ranges hold more than a lookup may read has those ranges
-    /// turned into rows of `meter.dedupe_keys` instead, where the per-id lookup
-    /// finds them.
+    /// The ids of `claiming` that ranges seen at or after `forget_before` hold.
+    /// With `turn_crowded_into_keys` (holding the stream), a run of ids whose
+    /// ranges hold more than a lookup may read has those ranges turned into rows
+    /// of `meter.dedupe_keys` instead, where the per-id probe finds them.
     fn in_fresh_ranges(
         &self,
         claiming: &[&Taken],
@@ -884,8 +883,9 @@ impl<'s> Processor<'s> {
             .collect())
     }
 
-    /// Inserts the claims of ids the stream never saw, `at` the time given: each run of ordered ids as a range where `claims_ranges` allows
-    /// (`dedupe::may_claim_as_range`), the rest as rows (`insert_claim_rows`).
+    /// Inserts the claims of ids the stream never saw, `at` the time given: each
+    /// run of ids of one length as a range where `claims_ranges` and
+    /// `dedupe::may_claim_as_range` allow, the rest as rows (`insert_claim_rows`).
     fn insert_claims(&self, new: &[&Taken], at: TimestampWithTimeZone) -> Result<()> {
         if !self.claims_ranges {
             return self.insert_claim_rows(new, at);
