@@ -19,13 +19,7 @@ CREATE TABLE meter.usage (
                     CASE WHEN jsonb_typeof(record) = 'array' THEN jsonb_array_length(record) ELSE 1 END) STORED
 ) PARTITION BY LIST (stream);
 CREATE INDEX usage_order ON meter.usage (id);
-DO $$
-BEGIN
-    ALTER TABLE meter.usage ALTER COLUMN record SET COMPRESSION lz4;
-EXCEPTION WHEN feature_not_supported THEN
-    NULL;  -- a server built without lz4 keeps pglz
-END
-$$;
+-- (record is lz4-compressed: see below, with meter.dedupe_ranges.)
 COMMENT ON TABLE meter.usage IS
     'Pending usage records per stream: a record (object) or a batch (array of objects) per row. INSERT/COPY (stream, record) works as well as meter.ingest.';
 
@@ -63,8 +57,10 @@ CREATE TABLE meter.dedupe_ranges (
 );
 -- Lookups count the ids of the ranges they overlap from the index alone.
 CREATE INDEX dedupe_ranges_last ON meter.dedupe_ranges (stream_id, last_id) INCLUDE (first_id, id_count);
+-- The inbox's batches and the ranges' ids compress well and cheaply with lz4.
 DO $$
 BEGIN
+    ALTER TABLE meter.usage ALTER COLUMN record SET COMPRESSION lz4;
     ALTER TABLE meter.dedupe_ranges ALTER COLUMN record_ids SET COMPRESSION lz4;
 EXCEPTION WHEN feature_not_supported THEN
     NULL;  -- a server built without lz4 keeps pglz
