@@ -770,11 +770,10 @@ impl<'s> Processor<'s> {
         // The ids that do not count (again).
         let seen_before: HashSet<String> = match self.mode {
             Mode::Apply if self.holds_stream => self.claim_holding_stream(&claiming, now, forget_before)?,
+            // A realtime stream's ids are all rows: batch runs claim ranges only
+            // in batch streams, and a stream turned realtime has its ranges
+            // turned into rows (`catalog::alter_stream`).
             Mode::Apply => {
-                // Ids in ranges (a stream that ran in batch mode before) are not
-                // claimed again: they stay out of the upsert, and count as seen.
-                let in_ranges = self.in_fresh_ranges(&claiming, forget_before, false)?;
-                claiming.retain(|t| t.record_id.is_none_or(|id| !in_ranges.contains(id)));
                 let claimed: HashSet<String> = self
                     .upsert_record_ids(&claiming, now, forget_before)?
                     .into_iter()
@@ -807,23 +806,18 @@ impl<'s> Processor<'s> {
         Ok(duplicates)
     }
 
-    /// The ids of `claiming` that ranges seen at or after `forget_before` hold.
-    /// With `turn_crowded_into_keys` (holding the stream), a run of ids whose
-    /// ranges hold more than a lookup may read has those ranges turned into rows
-    /// of `meter.dedupe_keys` instead, where the per-id probe finds them.
-    fn in_fresh_ranges(
-        &self,
-        claiming: &[&Taken],
-        forget_before: TimestampWithTimeZone,
-        turn_crowded_into_keys: bool,
-    ) -> Result<HashSet<String>> {
+    /// The ids of `claiming` that ranges seen at or after `forget_before` hold. A
+    /// run of ids whose ranges hold more than a lookup may read has those ranges
+    /// turned into rows of `meter.dedupe_keys` instead (this transaction holds
+    /// the stream), where the per-id probe finds them.
+    fn in_fresh_ranges(&self, claiming: &[&Taken], forget_before: TimestampWithTimeZone) -> Result<HashSet<String>> {
         let mut found = HashSet::default();
         if !self.ranges_exist {
             return Ok(found);
         }
         let mut ids: Vec<&str> = claiming.iter().filter_map(|t| t.record_id).collect();
         for run in dedupe::same_length_runs(&mut ids, |id| id) {
-            match dedupe::in_ranges(self.stream.id, run, forget_before, turn_crowded_into_keys)? {
+            match dedupe::in_ranges(self.stream.id, run, forget_before, true)? {
                 InRanges::Found(ids) => found.extend(ids),
                 InRanges::TooMany => {
                     dedupe::ranges_to_keys(self.stream.id, Some((run[0], run[run.len() - 1])))?;
@@ -849,7 +843,7 @@ impl<'s> Processor<'s> {
         now: TimestampWithTimeZone,
         forget_before: TimestampWithTimeZone,
     ) -> Result<HashSet<String>> {
-        let in_ranges = self.in_fresh_ranges(claiming, forget_before, true)?;
+        let in_ranges = self.in_fresh_ranges(claiming, forget_before)?;
         let claiming: Vec<&Taken> = claiming
             .iter()
             .copied()
