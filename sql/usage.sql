@@ -37,13 +37,13 @@ CREATE TABLE meter.dedupe_keys (
     meter_id  bigint,                  -- where the record went: finds its audit row
     PRIMARY KEY (stream_id, record_id)
 );
--- No index on seen_at: every metered record inserts here, and meter.purge can
--- afford a scan (expired ids sit at the start of the heap).
+-- No index on seen_at: every id claimed as a row inserts here, and
+-- meter.purge can afford a scan (expired ids sit at the start of the heap).
 
 -- Record ids a batch run claimed together, one row per run of ids: a chunk's new
 -- ids of one length, sorted, when few ids claimed before lie between its first and
 -- last (ordered ids: sequences, ULIDs, counters). An index entry per id cost a
--- third of a run; a row per chunk costs one. Ids not claimed this way (random
+-- third of a run; a range costs one. Ids not claimed this way (random
 -- ids, realtime streams, small chunks) are rows of meter.dedupe_keys. An id counts
 -- as seen when either table holds it.
 CREATE TABLE meter.dedupe_ranges (

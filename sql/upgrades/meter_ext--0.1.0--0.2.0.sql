@@ -134,7 +134,7 @@ CREATE INDEX flushed_session ON meter.flushed USING brin (session_id);
 -- Record ids a batch run claimed together, one row per run of ids: a chunk's new
 -- ids of one length, sorted, when few ids claimed before lie between its first and
 -- last (ordered ids: sequences, ULIDs, counters). An index entry per id cost a
--- third of a run; a row per chunk costs one. Ids not claimed this way (random
+-- third of a run; a range costs one. Ids not claimed this way (random
 -- ids, realtime streams, small chunks) are rows of meter.dedupe_keys. An id counts
 -- as seen when either table holds it.
 CREATE TABLE meter.dedupe_ranges (
