@@ -22,8 +22,9 @@ use pgrx::prelude::*;
 use rustc_hash::FxHashSet as HashSet;
 
 /// Runs the lookups of `f` by the index, from plans cached per backend: a plan
-/// made while the table was small would otherwise scan it, and keep scanning it
-/// as it grows, until something made PostgreSQL plan again.
+/// made while the table (`dedupe_keys`, `dedupe_ranges`) was small would
+/// otherwise scan it, and keep scanning it as it grows, until something made
+/// PostgreSQL plan again.
 fn by_index<R>(f: impl FnOnce() -> R) -> R {
     sql::by_index_lookups(|| sql::with_generic_plans(f))
 }
@@ -198,17 +199,19 @@ pub fn ranges_exist() -> Result<bool> {
 /// How many ids the stream's ranges overlapping `first..=last` hold, counted up
 /// to past `most`: over `most / RANGE_MIN_IDS` ranges hold more than `most`.
 fn ids_in_overlapping(stream_id: i64, first: &str, last: &str, most: usize) -> Result<usize> {
-    let held = sql::one::<i64>(
-        "SELECT coalesce(sum(id_count), 0)::bigint FROM (
-             SELECT id_count FROM meter.dedupe_ranges
-              WHERE stream_id = $1 AND last_id >= $2 AND first_id <= $3 LIMIT $4) r",
-        &[
-            stream_id.into(),
-            first.into(),
-            last.into(),
-            ((most / RANGE_MIN_IDS) as i64 + 1).into(),
-        ],
-    )?;
+    let held = by_index(|| {
+        sql::one::<i64>(
+            "SELECT coalesce(sum(id_count), 0)::bigint FROM (
+                 SELECT id_count FROM meter.dedupe_ranges
+                  WHERE stream_id = $1 AND last_id >= $2 AND first_id <= $3 LIMIT $4) r",
+            &[
+                stream_id.into(),
+                first.into(),
+                last.into(),
+                ((most / RANGE_MIN_IDS) as i64 + 1).into(),
+            ],
+        )
+    })?;
     Ok(held.unwrap_or(0) as usize)
 }
 
@@ -243,21 +246,23 @@ pub fn in_ranges(stream_id: i64, run: &[&str], since: TimestampWithTimeZone, wit
     }
     let wanted: HashSet<&str> = run.iter().copied().collect();
     let mut found = Vec::new();
-    sql::for_each_row(
-        "SELECT record_ids FROM meter.dedupe_ranges
-          WHERE stream_id = $1 AND last_id >= $2 AND first_id <= $3 AND seen_at >= $4",
-        &[stream_id.into(), (*first).into(), (*last).into(), since.into()],
-        |values, nulls| {
-            // SAFETY: a text[] column of the row just read.
-            let ids = unsafe { pgrx::Array::<&str>::from_datum(values[0], nulls[0]) };
-            for id in ids.iter().flat_map(|ids| ids.iter().flatten()) {
-                if id >= *first && id <= *last && wanted.contains(id) {
-                    found.push(id.to_string());
+    by_index(|| {
+        sql::for_each_row(
+            "SELECT record_ids FROM meter.dedupe_ranges
+              WHERE stream_id = $1 AND last_id >= $2 AND first_id <= $3 AND seen_at >= $4",
+            &[stream_id.into(), (*first).into(), (*last).into(), since.into()],
+            |values, nulls| {
+                // SAFETY: a text[] column of the row just read.
+                let ids = unsafe { pgrx::Array::<&str>::from_datum(values[0], nulls[0]) };
+                for id in ids.iter().flat_map(|ids| ids.iter().flatten()) {
+                    if id >= *first && id <= *last && wanted.contains(id) {
+                        found.push(id.to_string());
+                    }
                 }
-            }
-            Ok(())
-        },
-    )?;
+                Ok(())
+            },
+        )
+    })?;
     Ok(InRanges::Found(found))
 }
 

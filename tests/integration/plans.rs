@@ -2,7 +2,7 @@
 //! connection that called `ingest` while `meter.dedupe_keys` was empty keeps its
 //! plans as the table grows (until an ANALYZE or DDL makes PostgreSQL plan
 //! again): its record-id lookups must still go by the index, or each call reads
-//! every id the stream ever metered.
+//! every id the stream ever metered. So must its lookups of `meter.dedupe_ranges`.
 
 use postgres::Client;
 
@@ -66,5 +66,56 @@ fn record_id_lookups_planned_on_an_empty_table_go_by_its_index_once_it_grew() {
     assert!(
         after.1 > before.1,
         "index scans of meter.dedupe_keys: {before:?} → {after:?}"
+    );
+}
+
+/// Sequential and index scans of `meter.dedupe_ranges` so far.
+fn range_scans(db: &mut Client) -> (i64, i64) {
+    db.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
+    let row = db
+        .query_one(
+            "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables
+              WHERE relid = 'meter.dedupe_ranges'::regclass",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[test]
+fn range_lookups_planned_on_an_empty_table_go_by_its_index_once_it_grew() {
+    let mut db = fresh_database("meter_plans_ranges");
+    db.batch_execute(
+        r#"SELECT meter.create_meter_type('calls', 'sum');
+           SELECT meter.create_stream('s', '[{"name": "all", "meter_type": "calls"}]', auto_create_meters => true);
+           ALTER TABLE meter.dedupe_ranges SET (autovacuum_enabled = off);
+           ANALYZE meter.dedupe_ranges;"#,
+    )
+    .unwrap();
+    // This backend plans its range lookups on an empty table, then on one range,
+    // more times than PostgreSQL plans a statement afresh before it may keep one
+    // generic plan (five).
+    assert_eq!(ingest(&mut db, (1..=100).map(|i| format!("b{i:04}"))), (100, 0, 0));
+    db.batch_execute("SELECT meter.run_stream('s')").unwrap();
+    for _ in 0..8 {
+        assert_eq!(ingest(&mut db, (1..=100).map(|i| format!("b{i:04}"))), (0, 100, 0));
+    }
+    // Another connection claims 20 000 more ranges (two ids each).
+    connect("meter_plans_ranges")
+        .batch_execute(
+            "INSERT INTO meter.dedupe_ranges (stream_id, first_id, last_id, seen_at, id_count, record_ids, meter_ids)
+             SELECT s.id, 'd' || lpad(i::text, 6, '0') || '-0', 'd' || lpad(i::text, 6, '0') || '-9', now(), 2,
+                    ARRAY['d' || lpad(i::text, 6, '0') || '-0', 'd' || lpad(i::text, 6, '0') || '-9'], ARRAY[NULL, NULL]::bigint[]
+               FROM meter.streams s, generate_series(1, 20000) i WHERE s.name = 's'",
+        )
+        .unwrap();
+    let before = range_scans(&mut db);
+    assert_eq!(ingest(&mut db, (1..=100).map(|i| format!("d{i:06}-0"))), (0, 100, 0));
+    assert_eq!(ingest(&mut db, (1..=100).map(|i| format!("d{i:06}-5"))), (100, 0, 0));
+    let after = range_scans(&mut db);
+    assert_eq!(after.0, before.0, "sequential scans of meter.dedupe_ranges");
+    assert!(
+        after.1 > before.1,
+        "index scans of meter.dedupe_ranges: {before:?} → {after:?}"
     );
 }
