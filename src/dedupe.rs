@@ -20,6 +20,7 @@ use crate::sql;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use rustc_hash::FxHashSet as HashSet;
+use std::ops::Range;
 
 /// Runs the lookups of `f` by the index, from plans cached per backend: a plan
 /// made while the table (`dedupe_keys`, `dedupe_ranges`) was small would
@@ -62,11 +63,17 @@ pub fn metered_among(
         let mut in_ranges_found: HashSet<String> = HashSet::default();
         for run in same_length_runs(&mut ids, |id| id) {
             for part in run.chunks(chunk_len.max(1)) {
-                if let InRanges::Found(found) =
-                    sql::in_chunk_context(|| in_ranges(stream_id, part, forget_before, ranges_within_budget))?
-                {
-                    in_ranges_found.extend(found);
-                }
+                let found = sql::in_chunk_context(|| -> Result<Vec<String>> {
+                    if !ranges_within_budget {
+                        return Ok(match in_ranges(stream_id, part, forget_before, false)? {
+                            InRanges::Found(found) => found,
+                            InRanges::TooMany => unreachable!("a lookup without a budget reads every range"),
+                        });
+                    }
+                    // The crowded stretches are left to the run.
+                    Ok(in_ranges_by_halves(stream_id, part, forget_before)?.found)
+                })?;
+                in_ranges_found.extend(found);
             }
         }
         if !in_ranges_found.is_empty() {
@@ -266,6 +273,53 @@ pub fn in_ranges(stream_id: i64, run: &[&str], since: TimestampWithTimeZone, wit
     Ok(InRanges::Found(found))
 }
 
+/// Range lookups a run of ids may take while halving it (`in_ranges_by_halves`):
+/// enough to single out a few stray ids among thousands (two per halving).
+const HALVING_LOOKUPS: usize = 64;
+
+/// Which of `run` (sorted, distinct, of one length) the stream's ranges seen at or
+/// after `since` hold, looked up as a whole when the ranges its span overlaps are
+/// within its budget, else by halves, and so on: an id far from the others (a
+/// stray random id among ordered ones) then stretches only its own part's span
+/// over the ranges between.
+pub fn in_ranges_by_halves<'a>(stream_id: i64, run: &[&'a str], since: TimestampWithTimeZone) -> Result<ByHalves<'a>> {
+    fn halves<'a>(
+        stream_id: i64,
+        part: &[&'a str],
+        since: TimestampWithTimeZone,
+        lookups_left: &mut usize,
+        found: &mut Vec<String>,
+        crowded: &mut Vec<(&'a str, &'a str)>,
+    ) -> Result<()> {
+        if part.is_empty() {
+            return Ok(());
+        }
+        *lookups_left = lookups_left.saturating_sub(1);
+        match in_ranges(stream_id, part, since, true)? {
+            InRanges::Found(ids) => found.extend(ids),
+            InRanges::TooMany if part.len() > 1 && *lookups_left > 0 => {
+                let (low, high) = part.split_at(part.len() / 2);
+                halves(stream_id, low, since, lookups_left, found, crowded)?;
+                halves(stream_id, high, since, lookups_left, found, crowded)?;
+            }
+            InRanges::TooMany => crowded.push((part[0], part[part.len() - 1])),
+        }
+        Ok(())
+    }
+    let (mut found, mut crowded, mut lookups_left) = (Vec::new(), Vec::new(), HALVING_LOOKUPS);
+    halves(stream_id, run, since, &mut lookups_left, &mut found, &mut crowded)?;
+    Ok(ByHalves { found, crowded })
+}
+
+/// What `in_ranges_by_halves` found.
+pub struct ByHalves<'a> {
+    /// The ids ranges hold.
+    pub found: Vec<String>,
+    /// The stretches (first and last id) still over budget, not looked up: single
+    /// ids inside large ranges, or what was left when `HALVING_LOOKUPS` ran out.
+    pub crowded: Vec<(&'a str, &'a str)>,
+}
+
 /// Turns the stream's ranges overlapping `first..=last` (every range when `None`)
 /// into rows of `meter.dedupe_keys`, each id with its newest claim.
 pub fn ranges_to_keys(stream_id: i64, span: Option<(&str, &str)>) -> Result<usize> {
@@ -285,17 +339,36 @@ pub fn ranges_to_keys(stream_id: i64, span: Option<(&str, &str)>) -> Result<usiz
     )
 }
 
-/// Whether `run` (sorted, distinct, new to the stream) may be claimed as one
-/// range: long enough, and overlapping ranges that hold few ids.
-pub fn may_claim_as_range(stream_id: i64, run: &[&str]) -> Result<bool> {
-    let (Some(first), Some(last)) = (run.first(), run.last()) else {
-        return Ok(false);
-    };
-    if run.len() < RANGE_MIN_IDS {
-        return Ok(false);
+/// The parts of `run` (sorted, distinct, of one length, new to the stream) to
+/// claim as ranges, as positions in it, in order: the whole run when it is long
+/// enough and the ranges its span overlaps hold at most `RANGE_OVERLAP_PER_ID`
+/// ids per id of it, else its halves that are, and so on down to `RANGE_MIN_IDS`
+/// ids (a stray id then keeps only its own part from becoming a range). What no
+/// part takes is claimed as rows.
+pub fn parts_to_claim_as_ranges(stream_id: i64, run: &[&str]) -> Result<Vec<Range<usize>>> {
+    fn halves(
+        stream_id: i64,
+        run: &[&str],
+        part: Range<usize>,
+        lookups_left: &mut usize,
+        parts: &mut Vec<Range<usize>>,
+    ) -> Result<()> {
+        if part.len() < RANGE_MIN_IDS || *lookups_left == 0 {
+            return Ok(());
+        }
+        *lookups_left -= 1;
+        let most = part.len() * RANGE_OVERLAP_PER_ID;
+        if ids_in_overlapping(stream_id, run[part.start], run[part.end - 1], most)? <= most {
+            parts.push(part);
+            return Ok(());
+        }
+        let middle = part.start + part.len() / 2;
+        halves(stream_id, run, part.start..middle, lookups_left, parts)?;
+        halves(stream_id, run, middle..part.end, lookups_left, parts)
     }
-    let most = run.len() * RANGE_OVERLAP_PER_ID;
-    Ok(ids_in_overlapping(stream_id, first, last, most)? <= most)
+    let (mut parts, mut lookups_left) = (Vec::new(), HALVING_LOOKUPS);
+    halves(stream_id, run, 0..run.len(), &mut lookups_left, &mut parts)?;
+    Ok(parts)
 }
 
 /// Claims `run` (sorted, distinct, new to the stream) as one range, `at` the time

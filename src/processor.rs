@@ -23,7 +23,7 @@ use crate::append::Appender;
 use crate::audit::{AuditRows, AuditedRecord};
 use crate::catalog::{self, MeterTypeSettings, NewMeter, Stream, StreamMode};
 use crate::convert::{to_timestamp, to_timestamptz};
-use crate::dedupe::{self, InRanges};
+use crate::dedupe;
 use crate::errors::Result;
 use crate::gucs;
 use crate::locks;
@@ -806,10 +806,11 @@ impl<'s> Processor<'s> {
         Ok(duplicates)
     }
 
-    /// The ids of `claiming` that ranges seen at or after `forget_before` hold. A
-    /// run of ids whose ranges hold more than a lookup may read has those ranges
-    /// turned into rows of `meter.dedupe_keys` instead (this transaction holds
-    /// the stream), where the per-id probe finds them.
+    /// The ids of `claiming` that ranges seen at or after `forget_before` hold,
+    /// looked up by halves (`dedupe::in_ranges_by_halves`). A stretch of ids still
+    /// over its budget has the ranges it overlaps turned into rows of
+    /// `meter.dedupe_keys` instead (this transaction holds the stream), where the
+    /// per-id probe finds them.
     fn in_fresh_ranges(&self, claiming: &[&Taken], forget_before: TimestampWithTimeZone) -> Result<HashSet<String>> {
         let mut found = HashSet::default();
         if !self.ranges_exist {
@@ -817,11 +818,10 @@ impl<'s> Processor<'s> {
         }
         let mut ids: Vec<&str> = claiming.iter().filter_map(|t| t.record_id).collect();
         for run in dedupe::same_length_runs(&mut ids, |id| id) {
-            match dedupe::in_ranges(self.stream.id, run, forget_before, true)? {
-                InRanges::Found(ids) => found.extend(ids),
-                InRanges::TooMany => {
-                    dedupe::ranges_to_keys(self.stream.id, Some((run[0], run[run.len() - 1])))?;
-                }
+            let looked_up = dedupe::in_ranges_by_halves(self.stream.id, run, forget_before)?;
+            found.extend(looked_up.found);
+            for stretch in looked_up.crowded {
+                dedupe::ranges_to_keys(self.stream.id, Some(stretch))?;
             }
         }
         Ok(found)
@@ -879,7 +879,7 @@ impl<'s> Processor<'s> {
 
     /// Inserts the claims of ids the stream never saw, `at` the time given: each
     /// run of ids of one length as a range where `claims_ranges` and
-    /// `dedupe::may_claim_as_range` allow, the rest as rows (`insert_claim_rows`).
+    /// `dedupe::parts_to_claim_as_ranges` allow, the rest as rows (`insert_claim_rows`).
     fn insert_claims(&self, new: &[&Taken], at: TimestampWithTimeZone) -> Result<()> {
         if !self.claims_ranges {
             return self.insert_claim_rows(new, at);
@@ -887,12 +887,19 @@ impl<'s> Processor<'s> {
         let (mut new, mut rows) = (new.to_vec(), Vec::new());
         for run in dedupe::same_length_runs(&mut new, |t| t.record_id.unwrap_or_default()) {
             let ids: Vec<&str> = run.iter().filter_map(|t| t.record_id).collect();
-            if ids.len() == run.len() && dedupe::may_claim_as_range(self.stream.id, &ids)? {
-                let meters = run.iter().map(|t| self.claimed_meter(t)).collect();
-                dedupe::claim_range(self.stream.id, &ids, meters, at)?;
-            } else {
+            if ids.len() < run.len() {
                 rows.extend_from_slice(run);
+                continue;
             }
+            // The parts are in order: the items between them are rows.
+            let mut next = 0;
+            for part in dedupe::parts_to_claim_as_ranges(self.stream.id, &ids)? {
+                rows.extend_from_slice(&run[next..part.start]);
+                let meters = run[part.clone()].iter().map(|t| self.claimed_meter(t)).collect();
+                dedupe::claim_range(self.stream.id, &ids[part.clone()], meters, at)?;
+                next = part.end;
+            }
+            rows.extend_from_slice(&run[next..]);
         }
         self.insert_claim_rows(&rows, at)
     }

@@ -843,25 +843,57 @@ mod tests {
         assert_eq!(process("s"), counts(0, 600, 0));
     }
 
+    /// Ten ranges of 400 even ids each: k00000 … k00798, k00800 … k01598, …
+    fn ten_ranges_of_400() {
+        dedupe_stream();
+        run("SET LOCAL meter_ext.chunk_size = 400");
+        ingest_ids("SELECT 'k' || lpad((2 * i)::text, 5, '0') FROM generate_series(0, 3999) i");
+        assert_eq!(process("s"), counts(4000, 0, 0));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.dedupe_ranges"), 10);
+    }
+
     #[pg_test]
     fn ranges_a_lookup_would_read_too_much_of_become_rows() {
-        dedupe_stream();
-        run("SET LOCAL meter_ext.chunk_size = 100");
-        // Ten ranges of 100 even ids each: k0000 … k0198, k0200 … k0398, …
-        ingest_ids("SELECT 'k' || lpad((2 * i)::text, 4, '0') FROM generate_series(0, 999) i");
-        assert_eq!(process("s"), counts(1000, 0, 0));
-        assert_eq!(sql_i64("SELECT count(*) FROM meter.dedupe_ranges"), 10);
-        // Odd ids across all ten, and one even: ingest would read all 1 000 ids for
-        // its 11, so it leaves the even one to the run ...
-        let across =
-            "SELECT 'k' || lpad((200 * i + 1)::text, 4, '0') FROM generate_series(0, 9) i UNION ALL SELECT 'k0000'";
+        ten_ranges_of_400();
+        // An odd id inside each range, and one even: each id alone would read a
+        // range of 400 ids, over its budget (256), so ingest leaves them to the run ...
+        let across = "SELECT 'k' || lpad((800 * i + 1)::text, 5, '0') FROM generate_series(0, 9) i
+                      UNION ALL SELECT 'k00000'";
         assert_eq!(ingest_ids(across), (11, 0, 0));
-        // ... which turns the ten ranges into rows, and finds it there.
+        // ... which turns those ranges into rows, and finds the even one there.
         assert_eq!(process("s"), counts(10, 1, 0));
-        assert_eq!(claims(), (json!([]), 1010));
-        assert_eq!(sql_i64("SELECT count(*) FROM meter.audit_of('s', 'k1000')"), 1);
+        assert_eq!(claims(), (json!([]), 4010));
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.audit_of('s', 'k04000')"), 1);
         assert_eq!(ingest_ids(across), (0, 11, 0));
-        assert_eq!(value_of("u", "calls").as_deref(), Some("1010"));
+        assert_eq!(value_of("u", "calls").as_deref(), Some("4010"));
+    }
+
+    #[pg_test]
+    fn a_stray_id_among_ordered_ones_keeps_the_other_ranges() {
+        ten_ranges_of_400();
+        // 300 new ids past the ranges, and one inside the first: the run's span
+        // covers every range, its halves do not.
+        let ids = "SELECT 'k' || lpad((8000 + 2 * i)::text, 5, '0') FROM generate_series(0, 299) i
+                   UNION ALL SELECT 'k00001'";
+        assert_eq!(ingest_ids(ids), (301, 0, 0));
+        assert_eq!(process("s"), counts(301, 0, 0));
+        // Only the first range became rows; most new ids became ranges.
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.dedupe_ranges WHERE first_id >= 'k00800' AND last_id <= 'k07998'"),
+            9
+        );
+        assert_eq!(
+            sql_i64("SELECT count(*) FROM meter.dedupe_ranges WHERE first_id = 'k00000'"),
+            0
+        );
+        assert!(
+            sql_i64("SELECT coalesce(sum(id_count), 0) FROM meter.dedupe_ranges WHERE first_id >= 'k08000'") >= 200
+        );
+        assert_eq!(sql_i64("SELECT count(*) FROM meter.metered_ids"), 4301);
+        assert_eq!(sql_i64("SELECT count(DISTINCT record_id) FROM meter.metered_ids"), 4301);
+        assert_eq!(ingest_ids(ids), (0, 301, 0));
+        assert_eq!(process("s"), counts(0, 301, 0));
+        assert_eq!(value_of("u", "calls").as_deref(), Some("4301"));
     }
 
     #[pg_test]
