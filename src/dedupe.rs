@@ -343,13 +343,16 @@ pub fn ranges_to_keys(stream_id: i64, span: Option<(&str, &str)>) -> Result<usiz
 /// claim as ranges, as positions in it, in order: the whole run when it is long
 /// enough and the ranges its span overlaps hold at most `RANGE_OVERLAP_PER_ID`
 /// ids per id of it, else its halves that are, and so on down to `RANGE_MIN_IDS`
-/// ids (a stray id then keeps only its own part from becoming a range). What no
-/// part takes is claimed as rows.
+/// ids (a stray id then keeps only its own part from becoming a range). A part
+/// whose span overlaps no fewer ids than its whole's is not halved further:
+/// random ids overlap every range however few they are. What no part takes is
+/// claimed as rows.
 pub fn parts_to_claim_as_ranges(stream_id: i64, run: &[&str]) -> Result<Vec<Range<usize>>> {
     fn halves(
         stream_id: i64,
         run: &[&str],
         part: Range<usize>,
+        whole_overlaps: usize,
         lookups_left: &mut usize,
         parts: &mut Vec<Range<usize>>,
     ) -> Result<()> {
@@ -358,16 +361,18 @@ pub fn parts_to_claim_as_ranges(stream_id: i64, run: &[&str]) -> Result<Vec<Rang
         }
         *lookups_left -= 1;
         let most = part.len() * RANGE_OVERLAP_PER_ID;
-        if ids_in_overlapping(stream_id, run[part.start], run[part.end - 1], most)? <= most {
+        let overlaps = ids_in_overlapping(stream_id, run[part.start], run[part.end - 1], most)?;
+        if overlaps <= most {
             parts.push(part);
-            return Ok(());
+        } else if overlaps < whole_overlaps {
+            let middle = part.start + part.len() / 2;
+            halves(stream_id, run, part.start..middle, overlaps, lookups_left, parts)?;
+            halves(stream_id, run, middle..part.end, overlaps, lookups_left, parts)?;
         }
-        let middle = part.start + part.len() / 2;
-        halves(stream_id, run, part.start..middle, lookups_left, parts)?;
-        halves(stream_id, run, middle..part.end, lookups_left, parts)
+        Ok(())
     }
     let (mut parts, mut lookups_left) = (Vec::new(), HALVING_LOOKUPS);
-    halves(stream_id, run, 0..run.len(), &mut lookups_left, &mut parts)?;
+    halves(stream_id, run, 0..run.len(), usize::MAX, &mut lookups_left, &mut parts)?;
     Ok(parts)
 }
 
