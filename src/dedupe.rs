@@ -41,9 +41,10 @@ pub fn bounds<'a>(ids: impl IntoIterator<Item = &'a str>) -> Option<(&'a str, &'
 /// Which of `ids` (distinct) `stream_id` metered at or after `forget_before`,
 /// checked a chunk of ids at a time (see `known_among`), each chunk's arguments
 /// freed after it: a single query with every id of a large array costs far more
-/// memory. Then the ids in ranges: all of them, or (`ranges_within_budget`, for
-/// `ingest`, whose count the run makes again) those of runs whose ranges are
-/// within a lookup's budget.
+/// memory. Then the ids in ranges, looked up by halves (`in_ranges_by_halves`):
+/// the stretches over budget are read all the same (a preview, a DEBUG run), or
+/// (`ranges_within_budget`, for `ingest`, whose count the run makes again) left
+/// to the run.
 pub fn metered_among(
     stream_id: i64,
     ids: &[String],
@@ -64,14 +65,19 @@ pub fn metered_among(
         for run in same_length_runs(&mut ids, |id| id) {
             for part in run.chunks(chunk_len.max(1)) {
                 let found = sql::in_chunk_context(|| -> Result<Vec<String>> {
-                    if !ranges_within_budget {
-                        return Ok(match in_ranges(stream_id, part, forget_before, false)? {
-                            InRanges::Found(found) => found,
-                            InRanges::TooMany => unreachable!("a lookup without a budget reads every range"),
-                        });
+                    let mut looked_up = in_ranges_by_halves(stream_id, part, forget_before)?;
+                    if ranges_within_budget {
+                        // The crowded stretches are left to the run.
+                        return Ok(looked_up.found);
                     }
-                    // The crowded stretches are left to the run.
-                    Ok(in_ranges_by_halves(stream_id, part, forget_before)?.found)
+                    for (first, last) in looked_up.crowded {
+                        let stretch: Vec<&str> =
+                            part.iter().copied().filter(|id| *id >= first && *id <= last).collect();
+                        if let InRanges::Found(found) = in_ranges(stream_id, &stretch, forget_before, false)? {
+                            looked_up.found.extend(found);
+                        }
+                    }
+                    Ok(looked_up.found)
                 })?;
                 in_ranges_found.extend(found);
             }
@@ -173,8 +179,9 @@ pub const RANGE_MIN_IDS: usize = 64;
 /// of random ids (each overlapping all others) stop at a few.
 const RANGE_OVERLAP_PER_ID: usize = 2;
 /// A lookup reads the ranges it overlaps while they hold at most this many ids
-/// per id looked up (counting at least `RANGE_MIN_IDS`). Past that (random ids
-/// after ordered ones, say), a run turns those ranges into rows of
+/// per id looked up (counting at least `RANGE_MIN_IDS`). Past that, it halves its
+/// ids (`in_ranges_by_halves`); ranges a single id would still read too much of
+/// (random ids after ordered ones, say) a run turns into rows of
 /// `meter.dedupe_keys`, once, and looks its ids up there.
 const RANGE_READ_PER_ID: usize = 4;
 

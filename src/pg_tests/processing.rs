@@ -856,11 +856,19 @@ mod tests {
     fn ranges_a_lookup_would_read_too_much_of_become_rows() {
         ten_ranges_of_400();
         // An odd id inside each range, and one even: each id alone would read a
-        // range of 400 ids, over its budget (256), so ingest leaves them to the run ...
+        // range of 400 ids, over its budget (256), so ingest leaves them to the run.
         let across = "SELECT 'k' || lpad((800 * i + 1)::text, 5, '0') FROM generate_series(0, 9) i
                       UNION ALL SELECT 'k00000'";
         assert_eq!(ingest_ids(across), (11, 0, 0));
-        // ... which turns those ranges into rows, and finds the even one there.
+        // A preview reads them all the same, and finds it.
+        assert_eq!(
+            sql_i64(&format!(
+                "SELECT count(*) FILTER (WHERE outcome = 'duplicate') FROM meter.preview('s',
+                     (SELECT jsonb_agg(jsonb_build_object('userId', 'u', 'id', id, 'value', 1)) FROM ({across}) AS ids(id)))"
+            )),
+            1
+        );
+        // The run turns those ranges into rows, and finds the even one there.
         assert_eq!(process("s"), counts(10, 1, 0));
         assert_eq!(claims(), (json!([]), 4010));
         assert_eq!(sql_i64("SELECT count(*) FROM meter.audit_of('s', 'k04000')"), 1);
