@@ -8,14 +8,13 @@ use postgres::Client;
 
 use crate::support::{connect, fresh_database};
 
-/// Sequential and index scans of `meter.dedupe_keys` so far, this backend's included.
-fn dedupe_scans(db: &mut Client) -> (i64, i64) {
+/// Sequential and index scans of `table` so far, this backend's included.
+fn scans(db: &mut Client, table: &str) -> (i64, i64) {
     db.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
     let row = db
         .query_one(
-            "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables
-              WHERE relid = 'meter.dedupe_keys'::regclass",
-            &[],
+            "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relid = $1::text::regclass",
+            &[&table],
         )
         .unwrap();
     (row.get(0), row.get(1))
@@ -58,28 +57,15 @@ fn record_id_lookups_planned_on_an_empty_table_go_by_its_index_once_it_grew() {
              SELECT s.id, 'a' || i || 'x', now() FROM meter.streams s, generate_series(1, 100000) i WHERE s.name = 's'",
         )
         .unwrap();
-    let before = dedupe_scans(&mut db);
+    let before = scans(&mut db, "meter.dedupe_keys");
     assert_eq!(ingest(&mut db, (1..=100).map(|i| format!("a{i}z"))), (100, 0, 0));
     assert_eq!(ingest(&mut db, (1..=100).map(|i| format!("a{i}x"))), (0, 100, 0));
-    let after = dedupe_scans(&mut db);
+    let after = scans(&mut db, "meter.dedupe_keys");
     assert_eq!(after.0, before.0, "sequential scans of meter.dedupe_keys");
     assert!(
         after.1 > before.1,
         "index scans of meter.dedupe_keys: {before:?} → {after:?}"
     );
-}
-
-/// Sequential and index scans of `meter.dedupe_ranges` so far.
-fn range_scans(db: &mut Client) -> (i64, i64) {
-    db.batch_execute("SELECT pg_stat_force_next_flush()").unwrap();
-    let row = db
-        .query_one(
-            "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables
-              WHERE relid = 'meter.dedupe_ranges'::regclass",
-            &[],
-        )
-        .unwrap();
-    (row.get(0), row.get(1))
 }
 
 #[test]
@@ -109,10 +95,10 @@ fn range_lookups_planned_on_an_empty_table_go_by_its_index_once_it_grew() {
                FROM meter.streams s, generate_series(1, 20000) i WHERE s.name = 's'",
         )
         .unwrap();
-    let before = range_scans(&mut db);
+    let before = scans(&mut db, "meter.dedupe_ranges");
     assert_eq!(ingest(&mut db, (1..=100).map(|i| format!("d{i:06}-0"))), (0, 100, 0));
     assert_eq!(ingest(&mut db, (1..=100).map(|i| format!("d{i:06}-5"))), (100, 0, 0));
-    let after = range_scans(&mut db);
+    let after = scans(&mut db, "meter.dedupe_ranges");
     assert_eq!(after.0, before.0, "sequential scans of meter.dedupe_ranges");
     assert!(
         after.1 > before.1,
