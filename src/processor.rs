@@ -298,12 +298,11 @@ pub struct Processor<'s> {
     /// This transaction holds the stream's run lock (`locks::stream`): no other
     /// transaction claims this stream's record ids meanwhile.
     holds_stream: bool,
-    /// The database has `meter.dedupe_ranges` (0.2.0 on): ids are looked up there too.
-    ranges_exist: bool,
-    /// Holding the stream, of a batch stream: ids claimed in ordered runs are
-    /// claimed as ranges (`dedupe::claim_range`). A realtime stream's transactions
-    /// claim ids concurrently, through the unique index of `meter.dedupe_keys`.
-    claims_ranges: bool,
+    /// Holding the stream, in a database with `meter.dedupe_ranges` (0.2.0 on):
+    /// ids are looked up in ranges too, and (in a batch stream) claimed as ranges.
+    /// Only runs look: realtime calls claim ids through the unique index of
+    /// `meter.dedupe_keys`, and a realtime stream has no ranges.
+    ranges: bool,
     /// Audit rows not written yet (a one-transaction run batches them per meter).
     audit: AuditRows,
     /// Simulate only: record ids a real run would have claimed by now.
@@ -335,8 +334,7 @@ impl<'s> Processor<'s> {
             meters: Meters::default(),
             keep_meters: mode == Mode::Simulate,
             holds_stream: false,
-            ranges_exist: dedupe::ranges_exist()?,
-            claims_ranges: false,
+            ranges: false,
             audit: AuditRows::default(),
             simulated_claims: HashSet::default(),
             simulated_seen: HashSet::default(),
@@ -368,7 +366,7 @@ impl<'s> Processor<'s> {
     pub fn holding_stream(mut self) -> Result<Self> {
         locks::stream(self.stream.id, true)?;
         self.holds_stream = true;
-        self.claims_ranges = self.ranges_exist && self.stream.mode == StreamMode::Batch;
+        self.ranges = dedupe::ranges_exist()?;
         Ok(self)
     }
 
@@ -813,7 +811,7 @@ impl<'s> Processor<'s> {
     /// per-id probe finds them.
     fn in_fresh_ranges(&self, claiming: &[&Taken], forget_before: TimestampWithTimeZone) -> Result<HashSet<String>> {
         let mut found = HashSet::default();
-        if !self.ranges_exist {
+        if !self.ranges {
             return Ok(found);
         }
         let mut ids: Vec<&str> = claiming.iter().filter_map(|t| t.record_id).collect();
@@ -878,10 +876,12 @@ impl<'s> Processor<'s> {
     }
 
     /// Inserts the claims of ids the stream never saw, `at` the time given: each
-    /// run of ids of one length as a range where `claims_ranges` and
+    /// run of ids of one length as a range where `ranges` (in a batch stream) and
     /// `dedupe::parts_to_claim_as_ranges` allow, the rest as rows (`insert_claim_rows`).
     fn insert_claims(&self, new: &[&Taken], at: TimestampWithTimeZone) -> Result<()> {
-        if !self.claims_ranges {
+        // A realtime stream's transactions claim ids concurrently, through the
+        // unique index: its ids stay rows.
+        if !self.ranges || self.stream.mode != StreamMode::Batch {
             return self.insert_claim_rows(new, at);
         }
         let (mut new, mut rows) = (new.to_vec(), Vec::new());
